@@ -1,0 +1,1 @@
+"""Orchestration of both stages on Ray, configuration, and the ``deitpipe`` command line."""

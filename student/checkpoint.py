@@ -1,0 +1,116 @@
+"""Loading DeiT weights: official checkpoints, timm state dicts, and resolution changes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Wrappers under which training scripts store the weights (official DeiT: "model").
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+
+
+def resample_pos_embed(
+    pos_embed: torch.Tensor,
+    *,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int,
+    old_grid: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Resize the patch part of a position embedding, keeping the prefix tokens as they are.
+
+    As facebookresearch/deit does when it fine-tunes at 384: the patch grid is interpolated
+    bicubically with ``align_corners=False``.
+
+    Args:
+        pos_embed: (1, P + H*W, D).
+        new_grid: target (H', W').
+        num_prefix_tokens: P, 1 for the class token, 2 with the distillation token.
+        old_grid: (H, W); inferred as square when omitted.
+    Returns:
+        (1, P + H'*W', D), same dtype.
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    if old_grid is None:
+        side = int(round(grid.shape[1] ** 0.5))
+        if side * side != grid.shape[1]:
+            raise ValueError(
+                f"pos_embed has {grid.shape[1]} patch tokens, not a square grid; pass old_grid"
+            )
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, H, W)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)  # (1, H'W', D)
+    return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read weights from a file without unpickling code (``weights_only=True``).
+
+    Accepts a plain state dict or a training checkpoint that keeps it under "model",
+    "state_dict", "model_ema" or "state_dict_ema"; a DDP "module." prefix is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - one line that names the file
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint {path} holds no state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    reset_heads: bool = False,
+) -> nn.Module:
+    """Load an official DeiT, timm or deitpipe checkpoint into ``model``, strictly.
+
+    The position embedding is resampled when the checkpoint was trained at another resolution.
+
+    Args:
+        model: a ``DeiT``.
+        path: the checkpoint file.
+        reset_heads: keep the model's own (freshly initialised) ``head``/``head_dist`` instead of
+            the checkpoint's, e.g. to fine-tune on another class count.
+    Returns:
+        ``model``, loaded.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    heads = [k for k in state if k.split(".")[0] in ("head", "head_dist")]
+    if reset_heads:
+        for k in heads:
+            state[k] = own[k]
+    else:
+        bad = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
+               for k in heads if k in own and state[k].shape != own[k].shape]
+        if bad:
+            raise ValueError(
+                f"checkpoint {path} does not fit the model's heads: {'; '.join(bad)} "
+                "(set num_classes to match, or reset the heads to fine-tune)"
+            )
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} (is it a distilled model loaded into a plain one?)"
+        )
+    model.load_state_dict(state, strict=True)
+    return model
