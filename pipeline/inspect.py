@@ -1,0 +1,86 @@
+"""``deitpipe inspect``: what a shard directory holds, and whether it verifies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deitpipe.shards.manifest import ManifestError, find_stray_files, read_manifest, verify_shards
+from deitpipe.shards.reader import iter_samples
+
+
+def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
+    """Summarise the manifest, verify every shard's count and sha256, and read one sample.
+
+    Args:
+        out: a label-teacher output directory.
+        deep: also decode every sample.
+    Returns:
+        ``{"ok", "problems", "warnings", "summary", "sample", "text"}``; ``ok`` is False when any
+        shard does not verify or the run is incomplete.
+    """
+    try:
+        manifest = read_manifest(out)
+    except ManifestError as exc:
+        return {"ok": False, "problems": [str(exc)], "warnings": [], "summary": {}, "sample": None,
+                "text": f"error: {exc}"}
+    problems = verify_shards(out, deep=deep)
+    if not manifest.get("complete", False):
+        problems.append(f"{out}: the run is incomplete; rerun label-teacher with the same arguments")
+    warnings = find_stray_files(out, {s["name"] for s in manifest["shards"]})
+    inputs = manifest.get("inputs", {})
+    teacher = manifest.get("teacher", {})
+    summary = {
+        "teacher": teacher.get("name"), "weights": teacher.get("weights"),
+        "num_classes": manifest.get("num_classes"), "views": manifest.get("views"),
+        "topk": manifest.get("topk"), "full_softmax": manifest.get("full_softmax"),
+        "seed": manifest.get("seed"), "shards": len(manifest["shards"]),
+        "samples": sum(s["samples"] for s in manifest["shards"]),
+        "found": inputs.get("found"), "labelled": inputs.get("labelled"),
+        "skipped": len(inputs.get("skipped", [])), "ignored": inputs.get("ignored"),
+    }
+    sample = _first_sample(out, manifest) if manifest["shards"] and not problems else None
+    report = {"ok": not problems, "problems": problems, "warnings": warnings, "summary": summary,
+              "sample": sample}
+    report["text"] = _text(out, summary, problems, warnings, sample, manifest)
+    return report
+
+
+def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    s = next(iter_samples(str(Path(out) / manifest["shards"][0]["name"])))
+    names = manifest.get("class_names") or []
+    name = (lambda c: names[c] if c < len(names) else str(c))
+    return {
+        "key": s["key"], "path": s["meta"].get("path"), "label": s["label"], "label_name": name(s["label"]),
+        "size": [s["meta"].get("height"), s["meta"].get("width")],
+        "views": [
+            {"view": v, "box": s["box"][v].tolist(), "flip": bool(s["flip"][v]), "hard": int(s["hard"][v]),
+             "top": [[int(c), round(float(p), 4)] for c, p in zip(s["topk"][v][:3], s["prob"][v][:3])],
+             "rest": round(float(s["rest"][v]), 4)}
+            for v in range(min(len(s["box"]), 4))
+        ],
+        "hard_agrees_with_label": float(np.mean(s["hard"] == s["label"])),
+    }
+
+
+def _text(out, summary, problems, warnings, sample, manifest) -> str:
+    lines = [f"{out}: {summary['shards']} shards, {summary['samples']} samples, teacher "
+             f"{summary['teacher']} ({summary['num_classes']} classes), {summary['views']} views + global, "
+             f"top-{summary['topk']}{' + full softmax' if summary['full_softmax'] else ''}, seed {summary['seed']}",
+             f"inputs: {summary['found']} found, {summary['labelled']} labelled, {summary['skipped']} skipped, "
+             f"{summary['ignored']} ignored"]
+    for item in manifest.get("inputs", {}).get("skipped", [])[:5]:
+        lines.append(f"  skipped {item['path']}: {item['reason']}")
+    if sample:
+        lines.append(f"sample {sample['key']} ({sample['path']}, {sample['size'][0]}x{sample['size'][1]}): "
+                     f"label {sample['label']} ({sample['label_name']})")
+        for v in sample["views"]:
+            kind = "global" if v["view"] == 0 else f"view {v['view']}"
+            lines.append(f"  {kind:>7}: box {v['box']} flip {int(v['flip'])} hard {v['hard']} "
+                         f"top {v['top']} rest {v['rest']}")
+    lines += [f"warning: {w}" for w in warnings]
+    lines += [f"FAIL: {p}" for p in problems]
+    lines.append("OK: every shard verifies" if not problems else f"{len(problems)} problem(s)")
+    return "\n".join(lines)

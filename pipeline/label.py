@@ -1,0 +1,339 @@
+"""Stage one on Ray: a teacher labels every image's views and the results are packed into shards.
+
+Ray Data runs the work: CPU tasks read, decode and cut the views of each image; an actor pool
+runs the teacher on those crops (one actor per GPU, or one on the CPU); the driver collects the
+small teacher outputs per shard and, as soon as a shard's samples are all labelled, packs its tar
+from the source bytes and the outputs (atomically, in a thread beside the stream). A shard is the
+unit of planning and of resume: complete shards are skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deitpipe.pipeline.config import LabelConfig
+from deitpipe.pipeline.progress import Progress
+from deitpipe.pipeline.raysession import ray_session
+from deitpipe.shards import schema
+from deitpipe.shards.image import (
+    ImageDecodeError,
+    cut_views,
+    decode_image,
+    sniff_image_type,
+    storable_image,
+)
+from deitpipe.shards.manifest import file_sha256, read_manifest, write_manifest
+from deitpipe.shards.plan import plan_shards
+from deitpipe.shards.sources import Candidate, Source, read_bytes, resolve_source
+from deitpipe.shards.views import global_box, random_view_boxes
+from deitpipe.shards.writer import ShardFileWriter, encode_sample
+from deitpipe.teacher import Preprocessing, TeacherInfo, TeacherPredictor, build_teacher
+
+log = logging.getLogger(__name__)
+
+_OUTPUT_MEMBERS = ("hard", "topk", "prob", "rest", "softmax")
+
+
+class LabelError(RuntimeError):
+    """A user-facing failure of label-teacher; its message is one line."""
+
+
+def image_views(
+    data: bytes, *, key: str, seed: int, views: int, prep: Preprocessing
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Decode one image and cut its global view plus ``views`` random views at the teacher's size.
+
+    Args:
+        data: the image file's bytes.
+        key: the sample key, which seeds its random views.
+        seed: run seed.
+        views: number of random views V.
+        prep: teacher preprocessing (resize, crop, interpolation).
+    Returns:
+        ``({"height", "width", "box" (V+1, 4), "flip" (V+1,)}, pixels (V+1, 3, S, S) uint8)``.
+    Raises:
+        ImageDecodeError: the bytes are not a decodable image.
+    """
+    img = decode_image(data)
+    width, height = img.size
+    boxes, flips = random_view_boxes(seed=seed, key=key, num_views=views, height=height, width=width)
+    g = global_box(height=height, width=width, resize=prep.resize, crop=prep.crop)
+    boxes = np.concatenate([np.asarray([g], dtype=schema.BOX_DTYPE), boxes])  # (V+1, 4)
+    flips = np.concatenate([np.zeros(1, dtype=schema.FLIP_DTYPE), flips])  # (V+1,)
+    pixels = cut_views(img, boxes, flips, prep.crop, interpolation=prep.interpolation).numpy()
+    return {"height": height, "width": width, "box": boxes, "flip": flips}, pixels
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, seed: int, views: int,
+                 prep: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Ray Data task: candidates -> view crops. Undecodable images come back with ``ok`` False."""
+    prep_ = Preprocessing.from_dict(prep)
+    n, s = len(batch["index"]), prep_.crop
+    out = {
+        "index": batch["index"], "ok": np.zeros(n, dtype=bool), "reason": np.full(n, "", dtype=object),
+        "height": np.zeros(n, dtype=np.int64), "width": np.zeros(n, dtype=np.int64),
+        "box": np.zeros((n, views + 1, 4), dtype=schema.BOX_DTYPE),
+        "flip": np.zeros((n, views + 1), dtype=schema.FLIP_DTYPE),
+        "pixels": np.zeros((n, views + 1, 3, s, s), dtype=np.uint8),
+    }
+    for i in range(n):
+        cand = _candidate(batch, i)
+        try:
+            geo, pixels = image_views(read_bytes(cand), key=schema.sample_key(int(batch["index"][i])),
+                                      seed=seed, views=views, prep=prep_)
+        except (ImageDecodeError, OSError) as exc:
+            out["reason"][i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            continue
+        out["ok"][i] = True
+        for k in ("height", "width", "box", "flip"):
+            out[k][i] = geo[k]
+        out["pixels"][i] = pixels
+    return out
+
+
+class ViewTeacher:
+    """Ray Data actor: the teacher over all views of a batch of images, (B, V+1, 3, S, S)."""
+
+    def __init__(self, *, cpu_threads: int | None = None, **predictor_kwargs: Any) -> None:
+        if cpu_threads:
+            # A CPU teacher is the heavy stage: let it use the cores the decode tasks leave idle.
+            import torch
+
+            torch.set_num_threads(cpu_threads)
+        self.predictor = TeacherPredictor(**predictor_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")  # (B, V+1, 3, S, S)
+        b, v = pixels.shape[:2]
+        labelled = self.predictor({"pixels": pixels.reshape(b * v, *pixels.shape[2:])})
+        for k in _OUTPUT_MEMBERS:
+            if k in labelled:
+                batch[k] = labelled[k].reshape(b, v, *labelled[k].shape[1:])
+        return batch
+
+
+def _candidate(batch: dict[str, np.ndarray], i: int) -> Candidate:
+    data = batch["data"][i]
+    return Candidate(path=str(batch["path"][i]), label=int(batch["label"][i]), kind=str(batch["kind"][i]),
+                     ref=str(batch["ref"][i]), size=int(batch["size"][i]),
+                     data=bytes(data) if data is not None else None)
+
+
+def _items(source: Source, indices: list[int]) -> list[dict[str, Any]]:
+    cands = source.candidates
+    return [{"index": i, "path": cands[i].path, "label": cands[i].label, "kind": cands[i].kind,
+             "ref": cands[i].ref, "size": cands[i].size, "data": cands[i].data} for i in indices]
+
+
+def pack_shard(*, out_dir: Path, shard: int, first_index: int, source: Source,
+               rows: dict[int, dict[str, Any]], num_classes: int) -> dict[str, Any]:
+    """Write one shard from its labelled rows (index -> row); returns its manifest entry."""
+    with ShardFileWriter(out_dir, schema.shard_name(shard)) as writer:
+        for index in sorted(rows):
+            row, cand = rows[index], source.candidates[index]
+            data = read_bytes(cand)
+            ext = sniff_image_type(data)
+            # Types the schema does not list are stored as PNG of the same pixel grid.
+            image_bytes, ext = (data, ext) if ext else storable_image(data, decode_image(data))
+            views = {"box": row["box"], "flip": row["flip"]}
+            views.update({k: row[k] for k in _OUTPUT_MEMBERS if k in row})
+            writer.write(encode_sample(
+                key=schema.sample_key(index), image_bytes=image_bytes, image_ext=ext, label=cand.label,
+                meta={"path": cand.path, "height": int(row["height"]), "width": int(row["width"])},
+                views=views, num_classes=num_classes,
+            ))
+    return {**writer.record(), "first_index": first_index}
+
+
+
+def label_teacher(config: LabelConfig) -> dict[str, Any]:
+    """Run stage one: label ``config.data`` with the teacher into shards under ``config.out``.
+
+    A rerun with the same arguments skips complete shards; with other arguments it refuses
+    unless ``config.overwrite``.
+
+    Args:
+        config: the run's configuration.
+    Returns:
+        The final manifest (also written to ``out/manifest.json``), plus "run" statistics.
+    """
+    start = time.perf_counter()
+    out = Path(config.out)
+    source = resolve_source(config.data, image_size=config.image_size, seed=config.seed)
+    if not source.candidates:
+        raise LabelError(f"--data {config.data}: no candidate images found")
+    teacher_kwargs = dict(name=config.teacher, weights_path=config.teacher_weights,
+                          num_classes=config.num_classes, preprocessing_overrides=_overrides(config))
+    _, info = build_teacher(**teacher_kwargs)  # fails here, before Ray, on bad weights
+    if len(source.class_names) > info.num_classes:
+        raise LabelError(
+            f"--data has {len(source.class_names)} classes but teacher {info.name} has "
+            f"{info.num_classes} outputs; fine-tune the teacher to the data's classes first"
+        )
+    plan = plan_shards(len(source.candidates), config.shard_size)
+    manifest = _open_output(out, config, source, info)
+    done = {e["name"] for e in manifest["shards"]}
+    todo = [s for s in range(len(plan)) if schema.shard_name(s) not in done]
+    written: list[dict[str, Any]] = []
+    if todo:
+        written = _label_shards(config, source, info, plan, todo, manifest, out, teacher_kwargs)
+    manifest["complete"] = True
+    manifest["inputs"] = _inputs_summary(source, manifest["shards"])
+    if written or not _same_file_content(out, manifest):
+        write_manifest(out, manifest)
+    labelled = sum(len(plan[s]) for s in todo)
+    seconds = time.perf_counter() - start
+    return {**manifest, "run": {"shards_written": len(written), "shards_skipped": len(plan) - len(todo),
+                                "seconds": round(seconds, 2),
+                                "images_per_s": round(labelled / seconds, 2) if todo else None}}
+
+
+def _overrides(config: LabelConfig) -> dict[str, Any]:
+    return {"resize": config.resize, "crop": config.crop, "interpolation": config.interpolation}
+
+
+def _open_output(out: Path, config: LabelConfig, source: Source, info: TeacherInfo) -> dict[str, Any]:
+    """Check ``out`` against this run and return the manifest to continue (kept shards only)."""
+    existing = out / schema.MANIFEST_NAME
+    tars = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
+    if existing.is_file():
+        old = read_manifest(existing)
+        before = {k: old.get("config", {}).get(k) for k in config.fingerprint()}
+        diff = sorted(k for k, v in config.fingerprint().items() if before.get(k) != v)
+        if diff and not config.overwrite:
+            raise LabelError(
+                f"{out} holds shards made with other arguments ({', '.join('--' + d.replace('_', '-') for d in diff)} "
+                "differ); pass --overwrite to replace them or choose another --out"
+            )
+        kept = [] if diff else [e for e in old["shards"] if _shard_intact(out, e)]
+    elif tars and not config.overwrite:
+        raise LabelError(f"{out} holds shard files but no {schema.MANIFEST_NAME}; pass --overwrite to replace them")
+    else:
+        kept = []
+    keep = {e["name"] for e in kept}
+    out.mkdir(parents=True, exist_ok=True)
+    for path in out.iterdir():  # leftovers of an interrupted run, and shards being replaced
+        if ".tmp-" in path.name or (path.suffix == ".tar" and path.name not in keep):
+            path.unlink()
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": False, "config": asdict(config), "teacher": info.to_dict(),
+        "num_classes": info.num_classes, "class_names": list(source.class_names),
+        "views": config.views, "topk": min(config.topk, info.num_classes),
+        "full_softmax": config.full_softmax, "seed": config.seed, "shards": kept,
+    }
+    if not kept:
+        write_manifest(out, manifest)
+    return manifest
+
+
+def _shard_intact(out: Path, entry: dict[str, Any]) -> bool:
+    path = out / entry["name"]
+    return path.is_file() and path.stat().st_size == entry.get("bytes", -1)
+
+
+def _same_file_content(out: Path, manifest: dict[str, Any]) -> bool:
+    try:
+        old = read_manifest(out)
+    except ValueError:
+        return False
+    strip = ("created",)
+    return {k: v for k, v in old.items() if k not in strip} == {
+        k: v for k, v in manifest.items() if k not in strip}
+
+
+def _inputs_summary(source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    skipped = [{"path": p, "reason": r} for p, r in source.skipped]
+    for entry in shards:
+        skipped += entry.get("skipped", [])
+    labelled = sum(e["samples"] for e in shards)
+    return {"found": len(source.candidates) + len(source.skipped), "labelled": labelled,
+            "skipped": skipped, "ignored": len(source.ignored), "ignored_examples": source.ignored[:20]}
+
+
+def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: list[range],
+                  todo: list[int], manifest: dict[str, Any], out: Path,
+                  teacher_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Label the shards in ``todo`` and pack each as soon as it is complete."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    shard_of = {i: s for s in todo for i in plan[s]}
+    pending: dict[int, dict[int, dict[str, Any]]] = {s: {} for s in todo}
+    seen = dict.fromkeys(todo, 0)
+    skipped: dict[int, list[dict[str, str]]] = {s: [] for s in todo}
+    written: list[dict[str, Any]] = []
+    futures: list[Future] = []
+    bar = Progress(len(shard_of), desc=f"label-teacher {info.name}", enabled=config.progress)
+
+    def collect(block: bool) -> None:
+        for f in [f for f in futures if block or f.done()]:
+            futures.remove(f)
+            entry = f.result()
+            written.append(entry)
+            manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda e: e["first_index"])
+            write_manifest(out, manifest)
+
+    with ray_session(config.ray_address), ThreadPoolExecutor(max_workers=2) as packer:
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        use_gpu = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+        actors = config.num_actors or (int(ray.cluster_resources()["GPU"]) if use_gpu else 1)
+        v = config.views + 1
+        ds = ray.data.from_items(_items(source, sorted(shard_of)))
+        # Decoding runs in CPU tasks, never inside the teacher actor. Ray Data fuses a task stage
+        # into an actor stage with equal resource requests, so on a CPU-only cluster the tasks ask
+        # for half a CPU (GPU actors differ by num_gpus anyway).
+        ds = ds.map_batches(decode_batch, batch_size=8, num_cpus=1 if use_gpu else 0.5, fn_kwargs=dict(
+            seed=config.seed, views=config.views, prep=info.preprocessing.to_dict()))
+        ds = ds.map_batches(
+            ViewTeacher, batch_size=max(1, config.batch_size // v), compute=ActorPoolStrategy(size=actors),
+            num_gpus=1 if use_gpu else 0, num_cpus=1,
+            fn_constructor_kwargs=dict(teacher_kwargs, topk=config.topk, full_softmax=config.full_softmax,
+                                       device="cuda" if use_gpu else "cpu", batch_size=config.batch_size,
+                                       cpu_threads=None if use_gpu else _local_cpus()))
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for i, index in enumerate(batch["index"].tolist()):
+                    s = shard_of[index]
+                    seen[s] += 1
+                    if batch["ok"][i]:
+                        pending[s][index] = {k: batch[k][i] for k in batch if k not in ("index", "ok", "reason")}
+                    else:
+                        reason = str(batch["reason"][i])
+                        path = source.candidates[index].path
+                        if config.strict:
+                            raise LabelError(f"{path}: {reason} (--strict stops at the first undecodable input)")
+                        skipped[s].append({"path": path, "reason": reason})
+                    if seen[s] == len(plan[s]):
+                        futures.append(packer.submit(_pack, out=out, shard=s, plan=plan, source=source,
+                                                     rows=pending.pop(s), skipped=skipped[s],
+                                                     num_classes=info.num_classes))
+                bar.update(len(batch["index"]), shards=f"{len(manifest['shards'])}/{len(plan)}")
+                collect(block=False)
+        finally:
+            collect(block=True)  # shards already being packed land before any error surfaces
+            bar.close()
+    return written
+
+
+def _pack(*, out: Path, shard: int, plan: list[range], source: Source, rows: dict[int, dict[str, Any]],
+          skipped: list[dict[str, str]], num_classes: int) -> dict[str, Any]:
+    entry = pack_shard(out_dir=out, shard=shard, first_index=plan[shard].start, source=source, rows=rows,
+                       num_classes=num_classes)
+    return {**entry, "candidates": len(plan[shard]), "skipped": skipped}
+
+
+def _local_cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,38 @@
+"""Joining or starting Ray, and leaving it as it was found."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator[None]:
+    """Use the running Ray, join ``address`` ("auto" or host:port), or start a local Ray.
+
+    A Ray started here is stopped on exit; one that was already running is left alone.
+
+    Args:
+        address: cluster address, or None for a local instance.
+        num_cpus: CPUs for a local instance (default: all).
+    """
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # "local" so that a stale cluster address file is not joined by accident.
+        mem = int(os.environ.get("DEITPIPE_OBJECT_STORE_BYTES", 512 << 20))
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=mem, **kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
