@@ -187,7 +187,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
         written = _label_shards(config, source, info, plan, todo, manifest, out, teacher_kwargs)
     manifest["complete"] = True
     manifest["inputs"] = _inputs_summary(source, manifest["shards"])
-    if written or not _same_file_content(out, manifest):
+    if written or not _is_complete(out):  # a rerun that finds everything done writes nothing
         write_manifest(out, manifest)
     labelled = sum(len(plan[s]) for s in todo)
     seconds = time.perf_counter() - start
@@ -241,14 +241,11 @@ def _shard_intact(out: Path, entry: dict[str, Any]) -> bool:
     return path.is_file() and path.stat().st_size == entry.get("bytes", -1)
 
 
-def _same_file_content(out: Path, manifest: dict[str, Any]) -> bool:
+def _is_complete(out: Path) -> bool:
     try:
-        old = read_manifest(out)
+        return bool(read_manifest(out).get("complete"))
     except ValueError:
         return False
-    strip = ("created",)
-    return {k: v for k, v in old.items() if k not in strip} == {
-        k: v for k, v in manifest.items() if k not in strip}
 
 
 def _inputs_summary(source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""The shard set's manifest (``manifest.json``) and verification of a shard directory.
+
+Keys the pipeline writes (all JSON):
+
+- ``schema_version`` (int, ``schema.SCHEMA_VERSION``), ``created`` (ISO time), ``config``
+  (``asdict`` of the run config), ``seed``
+- ``teacher``: ``{name, weights, weights_sha256, preprocessing}``
+- ``num_classes``, ``class_names``, ``views`` (V random views per sample), ``topk``,
+  ``full_softmax``
+- ``shards``: ``[{name, samples, sha256, bytes, first_index, candidates, skipped}, ...]`` in
+  reading order; ``candidates`` planned inputs from ``first_index`` on, ``samples`` of them stored
+- ``inputs``: ``{found, labelled, skipped: [{path, reason}], ignored, ignored_examples}``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from deitpipe.shards import schema
+from deitpipe.shards.reader import decode_sample, iter_tar_samples
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable or of another schema version (one-line message)."""
+
+
+def _manifest_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p / schema.MANIFEST_NAME if p.is_dir() else p
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_manifest(out_dir: str | os.PathLike, data: dict[str, Any]) -> Path:
+    """Write ``out_dir/manifest.json`` atomically.
+
+    Args:
+        out_dir: Shard directory.
+        data: Manifest content; ``schema_version`` is set to ``schema.SCHEMA_VERSION`` if absent.
+
+    Returns:
+        The manifest path.
+    """
+    data = {"schema_version": schema.SCHEMA_VERSION, **data}
+    if data["schema_version"] != schema.SCHEMA_VERSION:
+        raise ValueError(f"manifest schema_version {data['schema_version']} != {schema.SCHEMA_VERSION}")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / schema.MANIFEST_NAME
+    write_json_atomic(path, data)
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a manifest.
+
+    Args:
+        path: Shard directory or the manifest file itself.
+
+    Returns:
+        The manifest dict.
+
+    Raises:
+        ManifestError: One line naming the file: missing, not JSON, or another schema version.
+    """
+    p = _manifest_path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ManifestError(f"{p}: no manifest; is this a shard directory written by deitpipe?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{p}: manifest is not valid JSON ({exc}); relabel or restore it") from None
+    if not isinstance(data, dict) or "shards" not in data:
+        raise ManifestError(f"{p}: manifest has no 'shards' list; relabel or restore it")
+    version = data.get("schema_version")
+    if version != schema.SCHEMA_VERSION:
+        raise ManifestError(
+            f"{p}: shard schema_version {version!r}, this deitpipe reads {schema.SCHEMA_VERSION}; "
+            "relabel with this version"
+        )
+    return data
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def count_tar_samples(path: str | os.PathLike) -> int:
+    """Number of samples (runs of members sharing a key) in a shard, without decoding."""
+    count, last = 0, None
+    with tarfile.open(path, mode="r|") as tar:
+        for info in tar:
+            key = info.name.split("/")[-1].split(".", 1)[0]
+            if info.isreg() and key != last:
+                count, last = count + 1, key
+    return count
+
+
+def find_stray_files(out_dir: str | os.PathLike, listed: set[str] | None = None) -> list[str]:
+    """Warnings about leftover temporary files and tars the manifest does not list.
+
+    Args:
+        out_dir: Shard directory.
+        listed: Shard names in the manifest (None: read it).
+
+    Returns:
+        One line per stray file; these are warnings, not errors.
+    """
+    d = Path(out_dir)
+    if listed is None:
+        listed = {s["name"] for s in read_manifest(d)["shards"]}
+    out = []
+    for p in sorted(d.iterdir()):
+        if ".tmp-" in p.name:
+            out.append(f"{p}: leftover temporary file from an interrupted write; safe to delete")
+        elif p.suffix == ".tar" and p.name not in listed:
+            out.append(f"{p}: tar not listed in {schema.MANIFEST_NAME}; readers of the manifest ignore it")
+    return out
+
+
+def _check_shard(path: Path, entry: dict[str, Any], *, deep: bool, views: int | None) -> list[str]:
+    if not path.is_file():
+        return [f"{path}: listed in {schema.MANIFEST_NAME} but missing"]
+    problems = []
+    sha = file_sha256(path)
+    if entry.get("sha256") and sha != entry["sha256"]:
+        problems.append(f"{path}: sha256 {sha[:12]}... != manifest {str(entry['sha256'])[:12]}...")
+    try:
+        count = count_tar_samples(path)
+        if deep:
+            for raw in iter_tar_samples(str(path)):
+                sample = decode_sample(raw)
+                if views is not None and sample["box"].shape != (views + 1, 4):
+                    shape = sample["box"].shape
+                    problems.append(f"{path}: {sample['key']} box shape {shape} != ({views + 1}, 4)")
+                    break
+    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+        return problems + [f"{path}: unreadable ({exc})"]
+    if count != entry.get("samples"):
+        problems.append(f"{path}: {count} samples, manifest says {entry.get('samples')}")
+    return problems
+
+
+def verify_shards(out_dir: str | os.PathLike, *, deep: bool = False) -> list[str]:
+    """Check a shard directory against its manifest.
+
+    Each listed shard must exist, hash to its ``sha256`` and hold ``samples`` samples;
+    ``first_index`` values must be contiguous. Leftover temporary files are not errors: see
+    :func:`find_stray_files`.
+
+    Args:
+        out_dir: Shard directory.
+        deep: Also decode every sample and check the per-view shapes against ``views``.
+
+    Returns:
+        Problems, one line each; empty when the shard set is intact.
+    """
+    try:
+        manifest = read_manifest(out_dir)
+    except ManifestError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    names = [s.get("name") for s in manifest["shards"]]
+    if len(set(names)) != len(names):
+        problems.append(f"{out_dir}: {schema.MANIFEST_NAME} lists a shard twice")
+    next_index = 0
+    for entry in manifest["shards"]:
+        path = Path(out_dir) / str(entry.get("name"))
+        problems += _check_shard(path, entry, deep=deep, views=manifest.get("views"))
+        first = entry.get("first_index")
+        if first is not None and first != next_index:
+            problems.append(f"{path}: first_index {first}, expected {next_index} (shards must be contiguous)")
+        # A shard covers "candidates" planned inputs; undecodable ones are skipped, not stored.
+        next_index += int(entry.get("candidates", entry.get("samples")) or 0)
+    return problems

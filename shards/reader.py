@@ -1,0 +1,162 @@
+"""Reading shards as a chain of small generator stages.
+
+``expand_urls(spec)`` -> ``iter_tar_samples(urls)`` (raw member bytes) -> ``decode_sample`` (numpy
+arrays, label, metadata; the image stays as its original bytes) -> ``teacher_distribution``.
+Nothing here unpickles: ``.npy`` members are loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from webdataset import shardlists, tariterators
+
+from deitpipe.shards import schema
+
+_NPY_MEMBERS = schema.VIEW_MEMBERS + (schema.SOFTMAX,)
+
+
+def open_url(url: str) -> str:
+    """Map a URL to one webdataset's ``gopen`` can open (``s3://`` streams through the aws CLI)."""
+    if url.startswith("s3://"):
+        return f"pipe:aws s3 cp {url} -"
+    return url
+
+
+def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
+    """Expand a shard specification to a list of URLs.
+
+    Args:
+        spec: A shard directory (its ``manifest.json`` order, else its sorted ``*.tar``), a brace
+            pattern like ``out/shard-{000000..000009}.tar``, several patterns joined by ``::``, a
+            single path/URL (``pipe:``, ``s3://``, ``http(s)://``), or a list of those.
+
+    Returns:
+        URLs in reading order.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return [url for item in spec for url in expand_urls(item)]
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        manifest = Path(spec) / schema.MANIFEST_NAME
+        if manifest.exists():
+            from deitpipe.shards.manifest import read_manifest  # manifest imports this module
+
+            return [str(Path(spec) / s["name"]) for s in read_manifest(manifest)["shards"]]
+        return [str(p) for p in sorted(Path(spec).glob("*.tar"))]
+    return list(shardlists.expand_urls(spec))  # "::" lists and {a..b} braces
+
+
+def iter_tar_samples(urls: str | Iterable[str]) -> Iterator[dict[str, Any]]:
+    """Yield raw samples, in stored order, from one or more tar URLs.
+
+    Args:
+        urls: A URL or spec accepted by :func:`expand_urls`, or a list of them.
+
+    Returns:
+        Iterator of dicts ``{"__key__", "__url__", member: bytes, ...}``.
+    """
+    expanded = expand_urls(urls)
+    for url in expanded:
+        local = url.removeprefix("file:")
+        if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(local):
+            raise ValueError(f"tar {url} does not exist; check the path or brace pattern")
+    src = [{"url": open_url(u)} for u in expanded]
+    for sample in tariterators.tarfile_samples(src):
+        yield sample
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """Load ``.npy`` bytes without allowing pickled objects."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def image_member(sample: dict[str, Any]) -> str | None:
+    """The member holding the image bytes (its extension is the real type), or None."""
+    for ext in schema.IMAGE_EXTENSIONS:
+        if ext in sample:
+            return ext
+    return None
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode the members of one raw sample.
+
+    Args:
+        raw: A dict from :func:`iter_tar_samples`.
+
+    Returns:
+        ``{"key", "url", "image" (original bytes), "image_ext", "label" (int), "meta" (dict),
+        "box", "flip", "hard", "topk", "prob", "rest"[, "softmax"]}`` with numpy arrays for the
+        per-view members (row 0 is the global view).
+    """
+    key = raw["__key__"]
+    ext = image_member(raw)
+    missing = [m for m in (schema.CLS, schema.META) + schema.VIEW_MEMBERS if m not in raw]
+    if ext is None or missing:
+        lacks = missing + ([] if ext is not None else ["<image>"])
+        raise ValueError(f"{raw.get('__url__', '?')}: sample {key} lacks members {lacks}")
+    out: dict[str, Any] = {
+        "key": key,
+        "url": raw.get("__url__"),
+        "image": raw[ext],
+        "image_ext": ext,
+        "label": int(raw[schema.CLS].decode("ascii").strip()),
+        "meta": json.loads(raw[schema.META]),
+    }
+    for member in _NPY_MEMBERS:
+        if member in raw:
+            out[member.removesuffix(".npy")] = load_npy(raw[member])
+    return out
+
+
+def iter_samples(urls: str | Iterable[str]) -> Iterator[dict[str, Any]]:
+    """:func:`iter_tar_samples` followed by :func:`decode_sample`."""
+    for raw in iter_tar_samples(urls):
+        yield decode_sample(raw)
+
+
+def teacher_distribution(sample: dict[str, Any], view: int, num_classes: int) -> np.ndarray:
+    """The teacher's class distribution for one stored view.
+
+    With a stored full softmax, that row (renormalised after float16 storage). Otherwise the
+    top-k probabilities at their class indices and the leftover mass spread uniformly over the
+    other ``C - K`` classes.
+
+    Args:
+        sample: A dict from :func:`decode_sample`.
+        view: Row index, 0 = global view, 1..V = random views.
+        num_classes: Number of classes C.
+
+    Returns:
+        (C,) float32 probabilities summing to 1.
+    """
+    if "softmax" in sample:
+        row = sample["softmax"][view].astype(np.float64)
+        if row.shape != (num_classes,):
+            raise ValueError(
+                f"sample {sample['key']}: softmax row has {row.shape[0]} classes, expected {num_classes}"
+            )
+        return (row / row.sum()).astype(np.float32)
+    idx = sample["topk"][view].astype(np.int64)
+    prob = np.clip(sample["prob"][view].astype(np.float64), 0.0, None)
+    if idx.size and idx.max() >= num_classes:
+        raise ValueError(f"sample {sample['key']}: top-k class {idx.max()} >= num_classes {num_classes}")
+    dist = np.zeros(num_classes, dtype=np.float64)
+    dist[idx] = prob
+    others = num_classes - len(np.unique(idx))
+    rest = max(float(sample["rest"][view]), 0.0) if "rest" in sample else max(1.0 - prob.sum(), 0.0)
+    if others > 0:
+        mask = np.ones(num_classes, dtype=bool)
+        mask[idx] = False
+        dist[mask] = rest / others
+    total = dist.sum()
+    if total <= 0:
+        return np.full(num_classes, 1.0 / num_classes, dtype=np.float32)
+    return (dist / total).astype(np.float32)

@@ -1,0 +1,299 @@
+"""Inputs for stage one: an ImageFolder tree, scikit-learn's digits, or existing WebDataset tars.
+
+Every source yields :class:`Candidate` records in a deterministic, sorted order; the planner
+numbers them 0..n-1 in that order. Whether a candidate is really an image is decided later, by
+decoding its bytes (``image.decode_image``); undecodable ones are skipped there with a reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from deitpipe.shards import reader
+
+# Files whose name says they are not images; anything else (including no extension and image
+# extensions that lie about the type) is a candidate and is judged by its content.
+NON_IMAGE_EXTENSIONS = frozenset(
+    "txt md rst csv tsv json jsonl xml html htm yaml yml toml ini cfg log db sqlite py sh bat "
+    "pdf doc docx xls xlsx zip tar gz tgz bz2 xz 7z rar npy npz pkl pickle pt pth mat h5 hdf5 "
+    "mp4 avi mov mkv mp3 wav flac lnk url".split()
+)
+# Member extensions taken as the image of a WebDataset sample, in order of preference.
+TAR_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm")
+DIGITS_COUNT = 1797
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One input, before it is numbered or decoded.
+
+    Attributes:
+        path: Display path or URI, stored in the sample's metadata.
+        label: True class index.
+        kind: "file" (read ``ref`` from disk), "digits" (render digit ``ref`` at ``size``) or
+            "tar" (bytes carried in ``data``).
+        ref: Filesystem path, digit index, or ``url#key``.
+        size: Render size for digits; 0 otherwise.
+        data: In-memory bytes for tar candidates (tars allow no random access).
+    """
+
+    path: str
+    label: int
+    kind: str = "file"
+    ref: str = ""
+    size: int = 0
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved input source.
+
+    Attributes:
+        spec: The specification it was resolved from.
+        candidates: Inputs in their sorted order.
+        class_names: Class index -> name.
+        ignored: Files skipped by name (not images), as display paths.
+        skipped: ``(path, reason)`` for entries dropped while listing (e.g. a tar sample lacking cls).
+    """
+
+    spec: str
+    candidates: list[Candidate]
+    class_names: list[str]
+    ignored: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def is_non_image_name(name: str) -> bool:
+    """True for hidden files (``.DS_Store``, ``._x.jpg``) and known non-image extensions."""
+    if name.startswith("."):
+        return True
+    _, dot, ext = name.rpartition(".")
+    return bool(dot) and ext.lower() in NON_IMAGE_EXTENSIONS
+
+
+def list_image_folder(root: str | os.PathLike) -> tuple[list[Candidate], list[str], list[str]]:
+    """List an ImageFolder tree ``root/<class>/**/<file>``.
+
+    Args:
+        root: Directory whose non-hidden sub-folders are the classes (index = sorted name order).
+
+    Returns:
+        ``(candidates sorted by (class, relative path), class_names, ignored)``; ``ignored`` holds
+        files judged not images by name (:func:`is_non_image_name`), hidden folders, and files
+        directly under ``root``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} is not a directory")
+    entries = sorted(root.iterdir(), key=lambda p: p.name)
+    class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    ignored = [p.name for p in entries if p not in class_dirs]
+    if not class_dirs:
+        raise ValueError(f"image folder {root} has no class sub-folders; expected {root}/<class>/<image>")
+    candidates: list[Candidate] = []
+    for label, cdir in enumerate(class_dirs):
+        found: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
+            rel_dir = Path(dirpath).relative_to(root)
+            ignored += [(rel_dir / d).as_posix() for d in dirnames if d.startswith(".")]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                rel = (rel_dir / name).as_posix()
+                (ignored if is_non_image_name(name) else found).append(rel)
+        for rel in sorted(found):
+            candidates.append(Candidate(path=rel, label=label, kind="file", ref=str(root / rel)))
+    return candidates, [p.name for p in class_dirs], sorted(ignored)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    d = load_digits()
+    return d.images, d.target  # (1797, 8, 8) float 0..16, (1797,) int
+
+
+def render_digit(index: int, *, image_size: int = 32) -> bytes:
+    """PNG bytes of digit ``index``: 0..16 scaled to 0..255, bicubic upscale, RGB."""
+    images, _ = _digits()
+    grey = np.clip(np.rint(images[index] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(grey).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digits_source(
+    *, image_size: int = 32, indices: np.ndarray | None = None
+) -> tuple[list[Candidate], list[str]]:
+    """scikit-learn's 1,797 8x8 digits as candidates rendered at ``image_size``.
+
+    Args:
+        image_size: Side of the rendered PNGs.
+        indices: Subset of digit indices (e.g. one side of :func:`digits_split`); all by default.
+
+    Returns:
+        ``(candidates, class_names)``; paths are ``digits/000123`` (the digit's index).
+    """
+    if image_size < 8:
+        raise ValueError(f"digits image_size must be >= 8, got {image_size}")
+    _, target = _digits()
+    idx = np.arange(len(target)) if indices is None else np.sort(np.asarray(indices))
+    cands = [
+        Candidate(path=f"digits/{i:06d}", label=int(target[i]), kind="digits", ref=str(i), size=image_size)
+        for i in idx
+    ]
+    return cands, [str(c) for c in range(10)]
+
+
+def digits_split(*, seed: int = 0, holdout: int = 597) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split of the digits (1,200 train / 597 held out by default).
+
+    Args:
+        seed: Split seed.
+        holdout: Number of held-out images.
+
+    Returns:
+        ``(train_indices, holdout_indices)``, each sorted.
+    """
+    from sklearn.model_selection import train_test_split
+
+    _, target = _digits()
+    idx = np.arange(len(target))
+    train, held = train_test_split(idx, test_size=holdout, stratify=target, random_state=seed)
+    return np.sort(train), np.sort(held)
+
+
+def digits_image_folder(out_dir: str | os.PathLike, *, image_size: int = 32, seed: int = 0) -> Path:
+    """Write the digits split as ImageFolder trees ``out_dir/train/<0..9>`` and ``out_dir/val/<0..9>``.
+
+    Built in a temporary folder and moved into place; a marker file records a complete build,
+    which later calls with the same settings reuse.
+
+    Args:
+        out_dir: Destination directory.
+        image_size: Side of the rendered PNGs.
+        seed: Split seed (:func:`digits_split`).
+
+    Returns:
+        ``out_dir``.
+    """
+    out = Path(out_dir)
+    marker = out / ".digits-folder.json"
+    settings = {"image_size": image_size, "seed": seed, "count": DIGITS_COUNT}
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return out
+    clash = [p for p in (out / "train", out / "val") if p.exists()]
+    if clash and not marker.exists():
+        raise ValueError(f"{clash[0]} exists but is not a digits folder; remove it or pick another out_dir")
+    tmp = out / f".digits-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _, target = _digits()
+    for split, indices in zip(("train", "val"), digits_split(seed=seed)):
+        for i in indices:
+            d = tmp / split / str(int(target[i]))
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{i:06d}.png").write_bytes(render_digit(int(i), image_size=image_size))
+    marker.unlink(missing_ok=True)
+    for split in ("train", "val"):
+        shutil.rmtree(out / split, ignore_errors=True)  # only a stale build of ours (marker checked)
+        os.replace(tmp / split, out / split)
+    shutil.rmtree(tmp, ignore_errors=True)
+    from deitpipe.shards.manifest import write_json_atomic
+
+    write_json_atomic(marker, settings)
+    return out
+
+
+def _tar_label(sample: dict[str, Any]) -> int | None:
+    try:
+        return int(sample["cls"].decode("ascii").strip())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
+    """List samples of existing WebDataset tars that have a ``cls`` and an image member.
+
+    Tars allow no random access, so each candidate carries its image bytes in memory: fine for
+    data sets that fit in RAM, not for ImageNet-sized tars.
+
+    Args:
+        urls: Brace pattern, path, ``pipe:`` command or ``s3://`` URL (see ``reader.expand_urls``).
+
+    Returns:
+        ``(candidates in stored order, skipped (path, reason))``; paths are ``url#key``.
+    """
+    candidates: list[Candidate] = []
+    skipped: list[tuple[str, str]] = []
+    for sample in reader.iter_tar_samples(urls):
+        path = f"{sample.get('__url__')}#{sample['__key__']}"
+        label = _tar_label(sample)
+        member = next((m for m in TAR_IMAGE_MEMBERS if m in sample), None)
+        if label is None or label < 0:
+            skipped.append((path, "no integer cls member"))
+        elif member is None:
+            skipped.append((path, f"no image member (one of {', '.join(TAR_IMAGE_MEMBERS)})"))
+        else:
+            candidates.append(Candidate(path=path, label=label, kind="tar", ref=path, data=sample[member]))
+    return candidates, skipped
+
+
+def read_bytes(candidate: Candidate) -> bytes:
+    """The raw bytes of a candidate (file content, rendered digit, or carried tar bytes)."""
+    if candidate.kind == "file":
+        with open(candidate.ref, "rb") as f:
+            return f.read()
+    if candidate.kind == "digits":
+        return render_digit(int(candidate.ref), image_size=candidate.size)
+    if candidate.kind == "tar" and candidate.data is not None:
+        return candidate.data
+    raise ValueError(f"candidate {candidate.path}: cannot read bytes of kind {candidate.kind!r}")
+
+
+def _is_webdataset_spec(spec: str) -> bool:
+    return "{" in spec or spec.endswith(".tar") or spec.startswith(("pipe:", "s3://")) or "::" in spec
+
+
+def resolve_source(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
+    """Resolve an input specification.
+
+    Args:
+        spec: ``digits`` (all 1,797), ``digits:train`` / ``digits:val`` (:func:`digits_split`), an
+            ImageFolder directory, or WebDataset tars (brace pattern, ``.tar``, ``pipe:``, ``s3://``).
+        image_size: Render size for digits.
+        seed: Split seed for ``digits:train`` / ``digits:val``.
+
+    Returns:
+        A :class:`Source`.
+    """
+    if spec in ("digits", "digits:train", "digits:val"):
+        indices = None
+        if spec != "digits":
+            train, val = digits_split(seed=seed)
+            indices = train if spec.endswith("train") else val
+        cands, names = digits_source(image_size=image_size, indices=indices)
+        return Source(spec=spec, candidates=cands, class_names=names)
+    if os.path.isdir(spec):
+        cands, names, ignored = list_image_folder(spec)
+        return Source(spec=spec, candidates=cands, class_names=names, ignored=ignored)
+    if _is_webdataset_spec(spec):
+        cands, skipped = list_webdataset(spec)
+        num_classes = max((c.label for c in cands), default=-1) + 1
+        names = [str(i) for i in range(num_classes)]
+        return Source(spec=spec, candidates=cands, class_names=names, skipped=skipped)
+    raise ValueError(
+        f"input {spec!r} is not 'digits', an existing directory, or WebDataset tars "
+        "(a .tar path, a {000..009} brace pattern, pipe:CMD or s3://URL)"
+    )

@@ -1,0 +1,182 @@
+"""Writer, reader and manifest: round trips, atomicity, reproducibility, verification."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from deitpipe.shards import schema
+from deitpipe.shards.manifest import (
+    ManifestError,
+    file_sha256,
+    find_stray_files,
+    read_manifest,
+    verify_shards,
+    write_manifest,
+)
+from deitpipe.shards.reader import decode_sample, expand_urls, iter_samples, iter_tar_samples, teacher_distribution
+from deitpipe.shards.writer import ShardFileWriter, encode_sample
+
+
+def test_write_three_read_back_identical(tmp_path, sample_maker):
+    samples = [sample_maker(i, softmax=(i == 1)) for i in range(3)]
+    with ShardFileWriter(tmp_path, "shard-000000.tar") as w:
+        for s in samples:
+            w.write(encode_sample(**s))
+    assert w.count == 3 and w.sha256 == file_sha256(tmp_path / "shard-000000.tar")
+    got = list(iter_samples(str(tmp_path / "shard-000000.tar")))
+    assert [g["key"] for g in got] == [s["key"] for s in samples]
+    for g, s in zip(got, samples):
+        assert g["image"] == s["image_bytes"] and g["image_ext"] == "png"
+        assert g["label"] == s["label"] and g["meta"] == s["meta"]
+        for name, arr in s["views"].items():
+            assert g[name].dtype == arr.dtype and np.array_equal(g[name], arr), name
+    assert "softmax" in got[1] and "softmax" not in got[0]
+
+
+def test_member_order_and_deterministic_headers(tmp_path, sample_maker):
+    with ShardFileWriter(tmp_path, "a.tar") as w:
+        w.write(encode_sample(**sample_maker(0, softmax=True)))
+    with tarfile.open(tmp_path / "a.tar") as tar:
+        members = tar.getmembers()
+    names = [m.name.split(".", 1)[1] for m in members]
+    assert names == ["png", "cls", "json"] + list(schema.VIEW_MEMBERS) + [schema.SOFTMAX]
+    assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
+
+
+def test_rewrite_is_byte_identical(tmp_path, shard_set_writer):
+    shard_set_writer(tmp_path / "a")
+    shard_set_writer(tmp_path / "b")
+    for name in ("shard-000000.tar", "shard-000001.tar"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_writer_leaves_nothing_on_exception(tmp_path, sample_maker):
+    with pytest.raises(RuntimeError, match="teacher died"):
+        with ShardFileWriter(tmp_path, "shard-000000.tar") as w:
+            w.write(encode_sample(**sample_maker(0)))
+            raise RuntimeError("teacher died")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_rejects_duplicate_keys(tmp_path, sample_maker):
+    with pytest.raises(ValueError, match="duplicate"):
+        with ShardFileWriter(tmp_path, "x.tar") as w:
+            w.write(encode_sample(**sample_maker(0)))
+            w.write(encode_sample(**sample_maker(0)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_encode_sample_validates(sample_maker):
+    s = sample_maker(0)
+    with pytest.raises(ValueError, match="key"):
+        encode_sample(**{**s, "key": "a.b"})
+    with pytest.raises(ValueError, match="image_ext"):
+        encode_sample(**{**s, "image_ext": "jpeg"})
+    with pytest.raises(ValueError, match="lack"):
+        encode_sample(**{**s, "views": {k: v for k, v in s["views"].items() if k != "rest"}})
+    with pytest.raises(ValueError, match="disagree"):
+        encode_sample(**{**s, "views": {**s["views"], "flip": np.zeros(7, np.uint8)}})
+    with pytest.raises(ValueError, match="uint16 or int32"):
+        encode_sample(**{**s, "views": {**s["views"], "hard": s["views"]["hard"].astype(np.int64)}})
+    cast = encode_sample(**{**s, "views": {**s["views"], "prob": s["views"]["prob"].astype(np.float32)}})
+    assert decode_sample({**cast, "__url__": "u"})["prob"].dtype == np.float16
+
+
+def test_teacher_distribution_topk_and_full(sample_maker):
+    s = sample_maker(3, views=2, topk=3, num_classes=10, softmax=True)
+    raw = encode_sample(**s)
+    full = decode_sample({**raw, "__url__": "u"})
+    topk_only = {k: v for k, v in full.items() if k != "softmax"}
+    for view in range(3):
+        d_full = teacher_distribution(full, view, 10)
+        row = s["views"]["softmax"][view].astype(np.float64)
+        assert d_full.dtype == np.float32 and np.allclose(d_full, row / row.sum(), atol=1e-6)
+        d = teacher_distribution(topk_only, view, 10)
+        assert d.shape == (10,) and abs(d.sum() - 1) < 1e-6
+        idx = s["views"]["topk"][view]
+        assert np.allclose(d[idx], s["views"]["prob"][view], atol=2e-3)
+        others = np.delete(d, idx)
+        assert np.allclose(others, others[0])  # leftover spread uniformly
+        assert np.allclose(others[0], float(s["views"]["rest"][view]) / 7, atol=2e-3)
+
+
+def test_teacher_distribution_when_topk_covers_all_classes(sample_maker):
+    s = decode_sample({**encode_sample(**sample_maker(0, topk=4, num_classes=4)), "__url__": "u"})
+    d = teacher_distribution(s, 0, 4)
+    assert abs(d.sum() - 1) < 1e-6 and np.allclose(d[s["topk"][0]], s["prob"][0] / s["prob"][0].sum(), atol=1e-3)
+
+
+def test_expand_urls_manifest_order_and_braces(shard_set, tmp_path):
+    out, _ = shard_set
+    assert expand_urls(out) == [str(out / "shard-000000.tar"), str(out / "shard-000001.tar")]
+    assert expand_urls(f"{out}/shard-{{000000..000001}}.tar") == expand_urls(out)
+    keys = [s["__key__"] for s in iter_tar_samples(str(out))]
+    assert keys == [schema.sample_key(i) for i in range(5)]
+    piped = [s["__key__"] for s in iter_tar_samples(f"pipe:cat {out}/shard-000001.tar")]
+    assert piped == keys[3:]
+
+
+def test_manifest_round_trip_and_errors(tmp_path):
+    path = write_manifest(tmp_path, {"shards": [], "class_names": ["a"]})
+    data = read_manifest(tmp_path)
+    assert data["schema_version"] == schema.SCHEMA_VERSION and data["class_names"] == ["a"]
+    assert read_manifest(path) == data
+    with pytest.raises(ManifestError, match="no manifest"):
+        read_manifest(tmp_path / "nowhere")
+    path.write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        read_manifest(tmp_path)
+    path.write_text(json.dumps({"schema_version": 999, "shards": []}))
+    with pytest.raises(ManifestError, match="schema_version 999"):
+        read_manifest(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # no temp files left
+
+
+def test_verify_clean_set(shard_set):
+    out, _ = shard_set
+    assert verify_shards(out) == []
+    assert verify_shards(out, deep=True) == []
+    assert find_stray_files(out) == []
+
+
+def test_verify_detects_corruption_and_wrong_count(shard_set):
+    out, _ = shard_set
+    shard = out / "shard-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first member's payload
+    shard.write_bytes(bytes(data))
+    manifest = read_manifest(out)
+    manifest["shards"][1]["samples"] = 3
+    write_manifest(out, manifest)
+    problems = verify_shards(out)
+    assert any("shard-000000.tar" in p and "sha256" in p for p in problems)
+    assert any("shard-000001.tar" in p and "2 samples, manifest says 3" in p for p in problems)
+
+
+def test_verify_missing_truncated_and_stray(shard_set):
+    out, _ = shard_set
+    (out / "shard-000001.tar").unlink()
+    shard = out / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:1500])
+    (out / ".shard-000002.tar.tmp-123").write_bytes(b"x")
+    problems = verify_shards(out)
+    assert any("shard-000001.tar" in p and "missing" in p for p in problems)
+    assert any("shard-000000.tar" in p for p in problems)
+    assert not any("tmp-123" in p for p in problems)
+    assert any("tmp-123" in w for w in find_stray_files(out))
+
+
+def test_shards_md_example_runs(shard_set, capsys):
+    import re
+    from pathlib import Path
+
+    out, samples = shard_set
+    doc = (Path(__file__).parents[1] / "SHARDS.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", doc, re.S)[-1]
+    exec(compile(code.replace("out/shard-", f"{out}/shard-"), "SHARDS.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [s["key"] for s in samples]
