@@ -74,6 +74,90 @@ def label_teacher_cmd(no_progress: bool, **options) -> None:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
 
 
+def _model_options(f):
+    for option in reversed([
+        click.option("--model", default="deit_tiny_distilled_patch16_224", show_default=True,
+                     help="Student variant: deit_{tiny,small,base}[_distilled]_patch16_{224,384}."),
+        click.option("--img-size", type=int, default=None, help="Override the input size (e.g. 32 for digits)."),
+        click.option("--patch-size", type=int, default=None, help="Override the patch size (e.g. 4 for 32 px)."),
+        click.option("--embed-dim", type=int, default=None, help="Override the width."),
+        click.option("--depth", type=int, default=None, help="Override the number of blocks."),
+        click.option("--num-heads", type=int, default=None, help="Override the attention heads."),
+    ]):
+        f = option(f)
+    return f
+
+
+@main.command("train-student")
+@click.option("--shards", default="shards-out", show_default=True,
+              help="label-teacher output directory, or a brace pattern of its shards.")
+@click.option("--out", default="student-out", show_default=True, help="Run directory.")
+@click.option("--val", default=None, help="Held-out data evaluated each epoch: 'digits:val', an ImageFolder, or shards.")
+@_model_options
+@click.option("--drop-path", type=float, default=0.1, show_default=True, help="Stochastic depth rate.")
+@click.option("--epochs", type=int, default=300, show_default=True, help="Epochs.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size per worker.")
+@click.option("--lr", type=float, default=5e-4, show_default=True, help="Learning rate for a global batch of 512 (scaled linearly).")
+@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not on norms, biases, tokens, position embedding).")
+@click.option("--warmup-epochs", type=float, default=5.0, show_default=True, help="Linear warmup epochs before the cosine schedule.")
+@click.option("--min-lr", type=float, default=1e-5, show_default=True, help="Final learning rate of the cosine.")
+@click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
+@click.option("--ema-decay", type=float, default=None, help="Keep an EMA of the weights with this decay (e.g. 0.99996); student.pt is then the EMA.")
+@click.option("--distillation", type=click.Choice(["none", "soft", "hard"]), default="hard", show_default=True,
+              help="Distillation token's target: none, soft (KL at --tau) or hard (teacher argmax).")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the distillation loss.")
+@click.option("--tau", type=float, default=1.0, show_default=True, help="Soft distillation temperature.")
+@click.option("--teacher-labels", type=click.Choice(["views", "global"]), default=None,
+              help="views: replay stored views (default when the shards have them); global: fresh crops with the global label (fixed teacher).")
+@click.option("--rand-augment", type=int, default=9, show_default=True, help="RandAugment magnitude; -1 switches it off.")
+@click.option("--random-erasing", type=float, default=0.25, show_default=True, help="Random erasing probability.")
+@click.option("--mixup", type=float, default=0.8, show_default=True, help="Mixup alpha; 0 off.")
+@click.option("--cutmix", type=float, default=1.0, show_default=True, help="CutMix alpha; 0 off.")
+@click.option("--mixup-switch", type=float, default=0.5, show_default=True, help="Probability of CutMix when both are on.")
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True, help="Label smoothing on the class head.")
+@click.option("--online-teacher", default=None, help="Run this torchvision teacher live on each batch (the paper's method) instead of stored labels.")
+@click.option("--teacher-weights", default=None, help="Weights of --online-teacher.")
+@click.option("--num-workers", type=int, default=1, show_default=True, help="Ray Train workers (one per GPU).")
+@click.option("--use-gpu", is_flag=True, help="Train on GPUs (NCCL); default CPU (gloo).")
+@click.option("--cpus-per-worker", type=int, default=None, help="CPUs per worker (default: all / workers).")
+@click.option("--loader-workers", type=int, default=0, show_default=True, help="DataLoader processes per worker.")
+@click.option("--ray-address", default=None, help="Join this Ray cluster; default: a local Ray.")
+@click.option("--compile", is_flag=True, help="torch.compile the student.")
+@click.option("--channels-last", is_flag=True, help="channels-last memory format.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order, views and initialisation.")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from the last checkpoint in --out.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing --out and start afresh.")
+@click.option("--finetune", default=None, help="Start from this checkpoint (e.g. 224 weights with --img-size 384).")
+@click.option("--stop-after-steps", type=int, default=None, help="Stop after this many steps in total (a later run resumes).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_student_cmd(no_progress: bool, rand_augment: int, **options) -> None:
+    """Stage two: train a DeiT student from the shards, with no teacher in the loop."""
+    from deitpipe.pipeline.config import TrainConfig
+    from deitpipe.pipeline.train import train_student
+
+    config = TrainConfig(progress=not no_progress, rand_augment=None if rand_augment < 0 else rand_augment, **options)
+    result = train_student(config)
+    last = result["last"]
+    val = "  ".join(f"{k[4:]} {last[k]:.2f}" for k in ("val_top1_cls", "val_top1_dist", "val_top1_avg") if k in last)
+    click.echo(f"{result['out']}: {result['epochs_done']} epochs; loss {last.get('loss', float('nan')):.4f}"
+               f"{'  val ' + val if val else ''}; weights {result['student']}")
+
+
+@main.command("evaluate")
+@click.option("--checkpoint", required=True, help="student.pt, a run directory, or a DeiT checkpoint file.")
+@click.option("--data", default="digits:val", show_default=True, help="ImageFolder, label-teacher shards, or 'digits:val'.")
+@_model_options
+@click.option("--num-classes", type=int, default=None, help="Head size (default: from the run's config or the weights).")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Batch size.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def evaluate_cmd(as_json: bool, **options) -> None:
+    """Top-1/top-5 of the class head, distillation head and their average."""
+    from deitpipe.pipeline.evaluate import evaluate_student, format_table
+
+    result = evaluate_student(**options)
+    click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
+
+
 @main.command("inspect")
 @click.argument("out")
 @click.option("--deep", is_flag=True, help="Also decode every sample and check per-view shapes.")

@@ -80,3 +80,104 @@ class LabelConfig:
     def fingerprint(self) -> dict:
         """The fields that decide the output's content, as stored in the manifest."""
         return {k: v for k, v in asdict(self).items() if k not in _LABEL_RUNTIME_FIELDS}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What ``deitpipe train-student`` does.
+
+    Args:
+        shards: a label-teacher output directory, or a brace pattern of its shards.
+        out: the run directory (student.pt, config.json, metrics.jsonl, checkpoints).
+        val: held-out data for per-epoch evaluation ("digits:val", ImageFolder, shards), or None.
+        model: a named DeiT variant; the overrides below reshape it for small images.
+        img_size, patch_size, embed_dim, depth, num_heads, drop_path: model overrides.
+        epochs, batch_size (per worker), lr (for a global batch of 512), weight_decay,
+        warmup_epochs, min_lr, grad_clip, ema_decay: the optimisation recipe.
+        distillation, alpha, tau: the loss ("none", "soft" or "hard").
+        teacher_labels: "views" (replay stored views), "global" (fixed teacher), or None for
+            views when the shards have them, else global.
+        rand_augment, random_erasing, mixup, cutmix, mixup_switch, label_smoothing: the DeiT
+            recipe's augmentations; 0 or None switches one off.
+        online_teacher, teacher_weights: run this torchvision teacher live on the student's
+            batch instead of reading stored labels (the paper's original method).
+        num_workers, use_gpu, cpus_per_worker, loader_workers, ray_address: where it runs.
+        compile, channels_last: speed options.
+        seed: data order, views and initialisation.
+        resume: continue from the last checkpoint in ``out`` (a rerun of the same ``out`` does
+            too); False with an existing run refuses unless ``overwrite``.
+        finetune: start from this checkpoint (position embedding resampled to img_size).
+        stop_after_steps: stop, as if killed, after this many optimizer steps in total.
+        progress: show a progress bar.
+    """
+
+    shards: str = "shards-out"
+    out: str = "student-out"
+    val: str | None = None
+    model: str = "deit_tiny_distilled_patch16_224"
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.1
+    epochs: int = 300
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-5
+    grad_clip: float | None = None
+    ema_decay: float | None = None
+    distillation: str = "hard"
+    alpha: float = 0.5
+    tau: float = 1.0
+    teacher_labels: str | None = None
+    rand_augment: int | None = 9
+    random_erasing: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_switch: float = 0.5
+    label_smoothing: float = 0.1
+    online_teacher: str | None = None
+    teacher_weights: str | None = None
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int | None = None
+    loader_workers: int = 0
+    ray_address: str | None = None
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    resume: bool = True
+    overwrite: bool = False
+    finetune: str | None = None
+    stop_after_steps: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for option, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                                   ("--num-workers", self.num_workers, 1),
+                                   ("--loader-workers", self.loader_workers, 0)):
+            if value < low:
+                raise ValueError(f"{option} must be >= {low}, got {value}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.distillation not in ("none", "soft", "hard"):
+            raise ValueError(f"--distillation must be none, soft or hard, got {self.distillation!r}")
+        if self.teacher_labels not in (None, "views", "global"):
+            raise ValueError(f"--teacher-labels must be views or global, got {self.teacher_labels!r}")
+        if self.online_teacher and self.distillation == "none":
+            raise ValueError("--online-teacher needs --distillation soft or hard")
+        if self.teacher_weights and not self.online_teacher:
+            raise ValueError("--teacher-weights goes with --online-teacher NAME")
+        for option, value in (("--mixup", self.mixup), ("--cutmix", self.cutmix),
+                              ("--random-erasing", self.random_erasing),
+                              ("--label-smoothing", self.label_smoothing)):
+            if value < 0:
+                raise ValueError(f"{option} must be >= 0, got {value}")
+
+    def model_overrides(self) -> dict:
+        return {k: v for k, v in dict(img_size=self.img_size, patch_size=self.patch_size,
+                                      embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+                                      drop_path_rate=self.drop_path).items() if v is not None}

@@ -1,0 +1,217 @@
+"""Stage two's input: replay the teacher's stored views from the shards, then the DeiT recipe.
+
+Each epoch a rank reads its shards (``shards.plan.epoch_shard_order``, a pure function of seed,
+epoch, rank and world size), shuffles each shard's samples (``epoch_sample_order``), and for every
+sample cuts one stored view (``epoch_view_index``) with the same function the teacher's views were
+cut with (``shards.image.cut_view``). The distillation target is that view's stored distribution,
+so the label matches the pixels. Every rank yields exactly ``steps_per_epoch`` full batches, so
+DDP ranks stay in step.
+
+Teacher-label modes:
+    views:  replay a stored view and its label (default when the shards have views).
+    global: a fresh random crop each step with the image's global label (the "fixed teacher").
+    none:   a fresh random crop, no teacher target.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.transforms import v2
+
+from deitpipe.shards import schema
+from deitpipe.shards.image import cut_view, decode_image
+from deitpipe.shards.plan import epoch_sample_order, epoch_shard_order
+from deitpipe.shards.reader import decode_sample, iter_tar_samples, teacher_distribution
+from deitpipe.shards.views import epoch_view_index, global_box, random_view_boxes
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TEACHER_LABELS = ("views", "global", "none")
+_FRESH_CROP_TAG = 0x5EED  # separates fresh-crop draws from the stored views' seeds
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The DeiT recipe's per-image augmentations after the view is cut.
+
+    Args:
+        rand_augment: RandAugment magnitude (9 in DeiT's rand-m9-mstd0.5; torchvision's
+            RandAugment has no magnitude noise), or None for off.
+        random_erasing: probability of random erasing (0.25 in DeiT), 0 for off.
+        mean, std: normalisation.
+    """
+
+    rand_augment: int | None = 9
+    random_erasing: float = 0.25
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def build(self) -> v2.Compose:
+        ops: list = []
+        if self.rand_augment is not None:
+            ops.append(v2.RandAugment(num_ops=2, magnitude=self.rand_augment))
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        if self.random_erasing > 0:
+            ops.append(v2.RandomErasing(p=self.random_erasing, value="random"))
+        return v2.Compose(ops)
+
+
+def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int) -> int:
+    """Optimizer steps per epoch so that an epoch covers the data set about once."""
+    return max(1, num_samples // (batch_size * world_size))
+
+
+class ShardReplay(IterableDataset):
+    """Training samples from label-teacher shards, as dicts of image, label and teacher target.
+
+    Args:
+        urls: shard paths/URLs in manifest order.
+        num_classes: C of the teacher distribution.
+        num_views: V random views stored per sample.
+        teacher_labels: "views", "global" or "none".
+        img_size: the student's input size.
+        batch_size: per-rank batch (the rank yields ``steps * batch_size`` samples per epoch).
+        steps: optimizer steps per epoch.
+        seed: run seed.
+        rank, world_size: this rank and the number of ranks.
+        augment: what follows the crop.
+        interpolation: resize interpolation of the crop.
+    """
+
+    def __init__(self, *, urls: list[str], num_classes: int, num_views: int, teacher_labels: str,
+                 img_size: int, batch_size: int, steps: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, augment: Augment = Augment(), interpolation: str = "bilinear"):
+        if teacher_labels not in TEACHER_LABELS:
+            raise ValueError(f"--teacher-labels must be one of {', '.join(TEACHER_LABELS)}, got {teacher_labels!r}")
+        if teacher_labels == "views" and num_views < 1:
+            raise ValueError("--teacher-labels views needs shards with views (label-teacher --views N, N >= 1)")
+        if not urls:
+            raise ValueError("no shards to read")
+        self.urls, self.num_classes, self.num_views = list(urls), num_classes, num_views
+        self.teacher_labels, self.img_size, self.interpolation = teacher_labels, img_size, interpolation
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+        self.rank, self.world_size = rank, world_size
+        self.transform = augment.build()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+    def _quota(self, worker: int, workers: int) -> int:
+        # Whole batches per DataLoader worker, so the loader never emits a short batch.
+        return (self.steps // workers + (worker < self.steps % workers)) * self.batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        shards = epoch_shard_order(shards=self.urls, seed=self.seed, epoch=self.epoch, rank=self.rank,
+                                   world_size=self.world_size)
+        mine = shards[worker::workers] or [shards[worker % len(shards)]]
+        quota = self._quota(worker, workers)
+        if quota == 0:
+            return
+        produced = 0
+        # Cycle this worker's shards until its quota is met (a short rank rereads from its start).
+        for url in itertools.cycle(mine):
+            raw = list(iter_tar_samples(url))
+            order = epoch_sample_order(num_samples=len(raw), seed=self.seed, epoch=self.epoch,
+                                       shard=os.path.basename(url))
+            for i in order:
+                yield self.example(decode_sample(raw[i]))
+                produced += 1
+                if produced == quota:
+                    return
+
+    def example(self, sample: dict) -> dict[str, torch.Tensor]:
+        """One training example: the cut view, augmented, with its true and teacher labels."""
+        img = decode_image(sample["image"])
+        if self.teacher_labels == "views":
+            view = epoch_view_index(seed=self.seed, epoch=self.epoch, key=sample["key"],
+                                    num_views=self.num_views)
+            box, flip = tuple(sample["box"][view]), bool(sample["flip"][view])
+        else:
+            view = 0  # the global view's label, reused under a fresh crop: the fixed teacher
+            boxes, flips = random_view_boxes(seed=self.seed * 1_000_003 + self.epoch + _FRESH_CROP_TAG,
+                                             key=sample["key"], num_views=1, height=img.height,
+                                             width=img.width)
+            box, flip = tuple(boxes[0]), bool(flips[0])
+        pixels = cut_view(img, box, flip, self.img_size, interpolation=self.interpolation)
+        out = {"image": self.transform(pixels), "label": torch.tensor(sample["label"], dtype=torch.long)}
+        if self.teacher_labels != "none":
+            dist = teacher_distribution(sample, view, self.num_classes)
+            out["teacher"] = torch.from_numpy(dist)
+            out["teacher_hard"] = torch.tensor(int(sample["hard"][view]), dtype=torch.long)
+        return out
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Held-out images for evaluation: resize and centre crop, as timm evaluates DeiT.
+
+    Built from a list of (bytes loader, label) pairs, or from shards (their global view box, and
+    the teacher's global hard label for agreement).
+
+    Args:
+        items: sequence of ``(load_bytes() -> bytes, label, teacher_hard or -1)``.
+        img_size: the student's input size.
+        crop_pct: centre-crop fraction (DeiT: 0.875); the image is first resized to
+            ``img_size / crop_pct`` on its shorter side.
+        mean, std: normalisation.
+    """
+
+    def __init__(self, items: list, *, img_size: int, crop_pct: float = 0.875,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear") -> None:
+        self.items, self.img_size, self.interpolation = items, img_size, interpolation
+        self.resize = int(round(img_size / crop_pct))
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        load, label, teacher_hard = self.items[i]
+        img = decode_image(load())
+        box = global_box(height=img.height, width=img.width, resize=self.resize, crop=self.img_size)
+        pixels = cut_view(img, box, False, self.img_size, interpolation=self.interpolation)
+        out = {"image": self.normalize(pixels), "label": torch.tensor(label, dtype=torch.long)}
+        if teacher_hard >= 0:
+            out["teacher_hard"] = torch.tensor(teacher_hard, dtype=torch.long)
+        return out
+
+
+def eval_items(spec: str, *, image_size: int = 32, seed: int = 0) -> tuple[list, list[str]]:
+    """Items for :class:`EvalImages` from shards (dir or pattern) or a source spec.
+
+    Args:
+        spec: a label-teacher output directory or brace pattern, ``digits:val``, or an ImageFolder.
+        image_size: size digits are rendered at.
+        seed: digits split seed.
+    Returns:
+        ``(items, class_names)``; shard items carry the teacher's global hard label.
+    """
+    from deitpipe.shards.manifest import read_manifest
+    from deitpipe.shards.reader import expand_urls
+    from deitpipe.shards.sources import read_bytes, resolve_source
+
+    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, schema.MANIFEST_NAME)) or spec.endswith(".tar") \
+            or ("{" in spec and ".tar" in spec):
+        items = []
+        for url in expand_urls(spec):
+            for raw in iter_tar_samples(url):
+                s = decode_sample(raw)
+                items.append(((lambda b=s["image"]: b), s["label"], int(s["hard"][0])))
+        names = read_manifest(spec).get("class_names", []) if os.path.isdir(spec) else []
+        return items, names
+    source = resolve_source(spec, image_size=image_size, seed=seed)
+    return [((lambda c=c: read_bytes(c)), c.label, -1) for c in source.candidates], source.class_names
+
+
+__all__ = ["Augment", "ShardReplay", "EvalImages", "eval_items", "steps_per_epoch", "TEACHER_LABELS"]
