@@ -1,0 +1,109 @@
+"""train-student on Ray Train: resume after a kill, outputs, manifest checks, evaluate."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import write_shard_set
+from deitpipe.pipeline.config import TrainConfig
+from deitpipe.pipeline.evaluate import evaluate_student
+from deitpipe.pipeline.train import TrainError, shard_info, train_student
+from deitpipe.shards import schema
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+TINY = dict(model="deit_tiny_distilled_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
+            num_heads=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _shards(tmp_path, n=40):
+    out = tmp_path / "shards"
+    write_shard_set(out, num_samples=n, shard_size=8, views=3, topk=3, num_classes=10)
+    manifest = json.loads((out / schema.MANIFEST_NAME).read_text())
+    manifest.update(complete=True, teacher={"name": "resnet18"}, class_names=[str(i) for i in range(10)])
+    (out / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return out
+
+
+def _config(shards, out, **kw):
+    base = dict(shards=str(shards), out=str(out), epochs=3, batch_size=8, warmup_epochs=1, lr=5e-3,
+                progress=False, num_workers=1, cpus_per_worker=1, **TINY)
+    return TrainConfig(**{**base, **kw})
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
+    shards = _shards(tmp_path)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train_student(_config(shards, full))
+    partial = train_student(_config(shards, cut, stop_after_steps=7))  # 5 steps per epoch: dies in epoch 1
+    assert partial["epochs_done"] == 1
+    train_student(_config(shards, cut))  # the same command again resumes from epoch 0's checkpoint
+    a, b = _metrics(full), _metrics(cut)
+    assert [m["epoch"] for m in b] == [0, 1, 2]  # each epoch logged once
+    for ma, mb in zip(a, b):
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-4, abs=1e-5)
+    wa = torch.load(full / "student.pt", weights_only=True)
+    wb = torch.load(cut / "student.pt", weights_only=True)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_outputs_load_in_timm_and_evaluate(tmp_path):
+    timm = pytest.importorskip("timm")
+    shards = _shards(tmp_path)
+    out = tmp_path / "run"
+    result = train_student(_config(shards, out, epochs=1, val=str(shards), distillation="soft", tau=2.0))
+    assert result["last"]["val_n"] == 40 and 0 <= result["last"]["val_top1_avg"] <= 100
+    config = json.loads((out / "config.json").read_text())
+    assert config["distillation"] == "soft" and config["tau"] == 2.0
+    ref = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=10, img_size=16,
+                            patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                            checkpoint_path=str(out / "student.pt"))
+    state = torch.load(out / "student.pt", weights_only=True)
+    assert torch.equal(ref.state_dict()["pos_embed"], state["pos_embed"])
+    metrics = evaluate_student(checkpoint=str(out), data=str(shards))
+    assert metrics["n"] == 40 and "agree_teacher_dist" in metrics
+    assert metrics["top1_avg"] == pytest.approx(result["last"]["val_top1_avg"])
+
+
+def test_a_different_run_into_the_same_out_refuses(tmp_path):
+    shards = _shards(tmp_path, n=16)
+    out = tmp_path / "run"
+    train_student(_config(shards, out, epochs=1))
+    with pytest.raises(TrainError, match="--alpha.*--overwrite"):
+        train_student(_config(shards, out, epochs=1, alpha=0.9))
+
+
+def test_manifest_checks_are_one_line(tmp_path):
+    shards = _shards(tmp_path, n=8)
+    manifest = json.loads((shards / schema.MANIFEST_NAME).read_text())
+    (shards / schema.MANIFEST_NAME).write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(TrainError, match="has not finished"):
+        shard_info(str(shards))
+    (shards / schema.MANIFEST_NAME).write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema"):
+        shard_info(str(shards))
+    (shards / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    info = shard_info(str(shards / "shard-{000000..000000}.tar"))
+    assert info["samples"] == 8 and info["num_classes"] == 10
+    with pytest.raises(TrainError, match="--teacher-labels views: the shards hold no views"):
+        from deitpipe.pipeline.train import teacher_labels_mode
+
+        teacher_labels_mode(replace(_config(shards, tmp_path / "x"), teacher_labels="views"), 0)
