@@ -158,6 +158,70 @@ def evaluate_cmd(as_json: bool, **options) -> None:
     click.echo(json.dumps(result, indent=2) if as_json else format_table(result))
 
 
+@main.command("analyze")
+@click.option("--run", "run_dir", required=True, help="A train-student run directory.")
+@click.option("--data", default="digits:val", show_default=True,
+              help="Held-out data; label-teacher shards also give agreement with the teacher.")
+@click.option("--out", default=None, help="Where analysis.json and the plots go (default: the run directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def analyze_cmd(run_dir: str, data: str, out: str | None, as_json: bool) -> None:
+    """Token similarity per layer, head agreement with teacher and truth, training curves."""
+    from deitpipe.pipeline.analyze import analyze_student, format_report
+
+    report = analyze_student(run=run_dir, data=data, out=out)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@main.command("train-teacher")
+@click.option("--data", default="digits:train", show_default=True,
+              help="Training data: ImageFolder, WebDataset tars, 'digits' or 'digits:train'.")
+@click.option("--out", default="teacher.pt", show_default=True,
+              help="Weights file to write; its JSON sidecar (preprocessing, classes) goes beside it.")
+@click.option("--teacher", default="regnet_y_400mf", show_default=True, help="torchvision classification model name.")
+@click.option("--teacher-weights", default=None, help="Start from these weights (fine-tune); the head is replaced when the class count differs.")
+@click.option("--num-classes", type=int, default=None, help="Head size (default: the data's class count).")
+@click.option("--epochs", type=int, default=30, show_default=True, help="Epochs.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (default 0.1 for sgd, 1e-3 for adamw).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="Optimizer.")
+@click.option("--weight-decay", type=float, default=None, help="Weight decay (default 5e-4 sgd, 0.05 adamw).")
+@click.option("--label-smoothing", type=float, default=0.1, show_default=True, help="Label smoothing.")
+@click.option("--img-size", type=int, default=32, show_default=True, help="Teacher input size (training and eval crop).")
+@click.option("--resize", type=int, default=None, help="Eval resize of the short side (default: img-size below 128 px, else img-size/0.875).")
+@click.option("--min-scale", type=float, default=None, help="RandomResizedCrop lower area bound (default 0.25 below 128 px, else 0.08).")
+@click.option("--val", default=None, help="Held-out data evaluated each epoch, e.g. 'digits:val'.")
+@click.option("--image-size", type=int, default=32, show_default=True, help="Size digits are scaled to.")
+@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_teacher_cmd(no_progress: bool, **options) -> None:
+    """Train or fine-tune a torchvision teacher; label-teacher --teacher-weights loads the result."""
+    from deitpipe.teacher.train import TeacherTrainConfig, train_teacher
+
+    result = train_teacher(TeacherTrainConfig(progress=not no_progress, **options))
+    val = result.get("val_top1")
+    click.echo(f"{result['weights']}: train top-1 {result['train_top1']:.2f}"
+               f"{f', held-out top-1 {val:.2f}' if val is not None else ''}; sidecar {result['sidecar']}")
+
+
+@main.command("demo")
+@click.option("--out", default="demo-out", show_default=True, help="Directory for every stage's output.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of split, teacher, views and students.")
+@click.option("--teacher", default="resnet18", show_default=True, help="torchvision model trained as the teacher.")
+@click.option("--teacher-epochs", type=int, default=15, show_default=True, help="Teacher epochs.")
+@click.option("--student-epochs", type=int, default=30, show_default=True, help="Epochs of each student.")
+@click.option("--views", type=int, default=16, show_default=True, help="Stored views per image.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def demo_cmd(no_progress: bool, **options) -> None:
+    """The whole pipeline on scikit-learn's digits: teacher, labels, two students, table."""
+    from deitpipe.pipeline.demo import DemoConfig, format_results, run_demo
+
+    results = run_demo(DemoConfig(progress=not no_progress, **options))
+    click.echo(format_results(results))
+    click.echo(f"results: {options['out']}/results.json, plots: {', '.join(results['plots'])}")
+
+
 @main.command("inspect")
 @click.argument("out")
 @click.option("--deep", is_flag=True, help="Also decode every sample and check per-view shapes.")

@@ -163,6 +163,12 @@ class TrainConfig:
                 raise ValueError(f"{option} must be >= {low}, got {value}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"--warmup-epochs must be in [0, --epochs={self.epochs}], got {self.warmup_epochs}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.tau <= 0:
+            raise ValueError(f"--tau must be > 0, got {self.tau}")
         if self.distillation not in ("none", "soft", "hard"):
             raise ValueError(f"--distillation must be none, soft or hard, got {self.distillation!r}")
         if self.teacher_labels not in (None, "views", "global"):

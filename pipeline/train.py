@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import asdict
@@ -112,10 +113,19 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
             run_config=ray.train.RunConfig(name="ray", storage_path=str(out),
                                            failure_config=ray.train.FailureConfig(max_failures=2)),
         )
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception as exc:  # a worker's error arrives wrapped; surface its last line
+            raise TrainError(f"training failed on a worker: {_last_error_line(str(exc))}") from exc
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     return {"out": str(out), "student": str(out / "student.pt"), "epochs_done": len(metrics),
             "last": metrics[-1] if metrics else {}}
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return errors[-1] if errors else (lines[-1] if lines else "unknown error")
 
 
 def _prepare_out(out: Path, config: TrainConfig) -> None:

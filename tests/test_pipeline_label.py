@@ -160,3 +160,29 @@ def test_stored_labels_match_the_teacher_on_the_replayed_view(tmp_path):
                 agree += int(model(x[None]).argmax() == int(s["hard"][v]))
             total += 1
     assert total == 50 and agree == total
+
+
+def test_student_replay_agrees_with_the_teacher_on_its_views(tmp_path):
+    """The student's loader cuts the stored view; the teacher on that crop gives the stored label."""
+    from deitpipe.shards.reader import expand_urls
+    from deitpipe.student.data import Augment, ShardReplay
+
+    data = _digit_folder(tmp_path / "digits", n=16)
+    weights = _teacher(tmp_path, 10)
+    out = tmp_path / "out"
+    label_teacher(_config(data, out, weights, views=6, shard_size=5))
+    model = torchvision.models.get_model("resnet18", num_classes=10)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.eval()
+    plain = Augment(rand_augment=None, random_erasing=0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    agree = total = 0
+    for epoch in range(4):
+        ds = ShardReplay(urls=expand_urls(str(out)), num_classes=10, num_views=6, teacher_labels="views",
+                         img_size=32, batch_size=4, steps=4, augment=plain)
+        ds.set_epoch(epoch)
+        for batch in torch.utils.data.DataLoader(ds, batch_size=4):
+            with torch.no_grad():
+                pred = model(batch["image"]).argmax(1)
+            agree += int((pred == batch["teacher_hard"]).sum())
+            total += len(pred)
+    assert total == 64 and agree / total >= 0.995
