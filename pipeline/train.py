@@ -184,7 +184,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         ddp = torch.compile(ddp)
     loss_fn = DistillationLoss(distillation=cfg.distillation, alpha=cfg.alpha, tau=cfg.tau,
                                label_smoothing=cfg.label_smoothing)
-    teacher = _online_teacher(cfg, info["num_classes"], device) if cfg.online_teacher else None
+    teacher = online_teacher_fn(cfg, info["num_classes"], device) if cfg.online_teacher else None
     val = _val_loader(cfg, model.config.img_size) if cfg.val and rank == 0 else None
     autocast = torch.bfloat16 if device.type == "cuda" else None
     bar = Progress(cfg.epochs * steps, desc="train-student", unit="step", enabled=cfg.progress and rank == 0)
@@ -294,12 +294,12 @@ def _mixup(cfg: TrainConfig, num_classes: int, epoch: int, rank: int) -> MixupCu
                        switch_prob=cfg.mixup_switch, seed=cfg.seed * 100_003 + epoch * 64 + rank)
 
 
-def _online_teacher(cfg: TrainConfig, num_classes: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def online_teacher_fn(cfg: TrainConfig, num_classes: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """The paper's live teacher: student-normalised images -> teacher probabilities."""
     from deitpipe.teacher import build_teacher
 
     model, info = build_teacher(cfg.online_teacher, weights_path=cfg.teacher_weights, num_classes=num_classes)
-    model = model.to(device).eval()
+    model = model.to(device, memory_format=torch.channels_last).eval()  # as the labelling actors run it
     prep = info.preprocessing
     view = dict(device=device, dtype=torch.float32)
     s_mean, s_std = (torch.tensor(v, **view).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))

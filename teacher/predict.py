@@ -78,9 +78,10 @@ def summarize_probs(
     probs = probs.detach().float().cpu()
     values, indices = probs.topk(min(topk, num_classes), dim=-1, largest=True, sorted=True)
     stored = values.to(torch.float16)  # (N, K)
-    # Leftover mass from the probabilities as stored, so that a reader's top-k + rest is a
-    # distribution; float32 sum avoids accumulating float16 error.
-    rest = (1.0 - stored.float().sum(dim=-1)).clamp_min(0.0).to(torch.float16)  # (N,)
+    # Leftover mass from the float32 probabilities: from the float16 ones it would round to 0
+    # for a confident row (top-1 >= ~0.9998) and the tail a soft target needs would be lost.
+    # Readers renormalise, so float16 rounding of the stored top-k costs nothing.
+    rest = (1.0 - values.sum(dim=-1)).clamp_min(0.0).to(torch.float16)  # (N,)
     return TeacherOutputs(
         hard=probs.argmax(dim=-1).numpy().astype(np.int64),
         topk=indices.numpy().astype(index_dtype),

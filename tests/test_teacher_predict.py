@@ -191,3 +191,11 @@ def test_cuda_bf16_matches_cpu(teacher_file):
         a["softmax"].astype(np.float32), b["softmax"].astype(np.float32), atol=0.03
     )
     assert (a["hard"] == b["hard"]).mean() >= 0.9
+
+
+def test_confident_rows_keep_their_tail_mass():
+    # top-1 rounds to 1.0 in float16; the leftover must still carry the other classes' mass
+    probs = torch.tensor([[0.99995, 0.00003, 0.00002] + [0.0] * 7])
+    out = summarize_probs(probs, topk=1, full_softmax=False)
+    assert float(out.prob[0, 0]) == 1.0
+    assert float(out.rest[0]) == pytest.approx(5e-5, rel=1e-2)
