@@ -80,7 +80,10 @@ def build_optimizer(
         raise ValueError(f"--lr must be > 0, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {weight_decay}")
-    return torch.optim.AdamW(param_groups(model, weight_decay=weight_decay), lr=lr, betas=betas)
+    # The fused kernel is one launch for all parameters on CUDA; foreach elsewhere.
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, weight_decay=weight_decay), lr=lr, betas=betas,
+                             fused=fused or None)
 
 
 def warmup_cosine(

@@ -27,6 +27,7 @@ from deitpipe.teacher.preprocess import (
     teacher_names,
     write_sidecar,
 )
+from deitpipe.teacher.train import TeacherTrainConfig, evaluate_teacher, train_teacher
 
 __all__ = [
     "Preprocessing",

@@ -1,0 +1,459 @@
+"""Training or fine-tuning a torchvision convnet teacher, saved the way stage one loads it.
+
+A plain ``model.state_dict()`` file plus its JSON sidecar (``teacher.pt`` -> ``teacher.json``:
+model, class count and names, eval preprocessing) lets ``label-teacher --teacher-weights`` rebuild
+the model through :func:`~deitpipe.teacher.models.build_teacher` without repeating any option.
+Recipe: RandomResizedCrop + flip (the kind of views stage one labels), label-smoothed
+cross-entropy, SGD (Nesterov) or AdamW, one epoch of linear warmup then per-step cosine decay.
+Images are decoded once and kept in memory: meant for data sets that fit in RAM (the digits,
+small image folders), not for ImageNet-sized fine-tunes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from deitpipe.shards.image import ImageDecodeError, decode_image
+from deitpipe.shards.sources import Source, read_bytes, resolve_source
+from deitpipe.teacher.models import _arch_kwargs, build_teacher
+from deitpipe.teacher.predict import resolve_device
+from deitpipe.teacher.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
+from deitpipe.teacher.preprocess import check_teacher_name, sidecar_path, write_sidecar
+
+OPTIMIZERS = {"sgd": dict(lr=0.03, weight_decay=5e-4), "adamw": dict(lr=1e-3, weight_decay=0.05)}
+# From this input size on, the ImageNet conventions apply: eval resize = crop / 0.875 and
+# RandomResizedCrop down to 8% of the image. Below it (digits, CIFAR-sized data) a crop of 8% is
+# a few pixels of stroke, so crops keep at least 25% and the eval resize equals the crop.
+LARGE_INPUT = 128
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    """Options of ``deitpipe train-teacher``; None means "derived from the other options"."""
+
+    data: str = "digits:train"  # resolve_source spec: digits:train, an image folder, tars
+    out: str = "teacher.pt"  # weights file; the sidecar goes beside it (teacher.json)
+    teacher: str = "regnet_y_400mf"  # torchvision classification model name
+    # Start weights to fine-tune (state dict file, sidecar optional); the classifier is
+    # re-initialised when its class count differs from num_classes.
+    teacher_weights: str | None = None
+    num_classes: int | None = None  # None: the number of classes of data
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float | None = None  # peak; None: 0.03 for sgd, 1e-3 for adamw
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov) or "adamw"
+    weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw
+    label_smoothing: float = 0.1
+    img_size: int = 32  # training and eval crop side: the teacher's input size
+    resize: int | None = None  # eval short side; None: img_size below 128 px, else img_size/0.875
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB, in [0, 1] units
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # of training crops and eval resize
+    min_scale: float | None = None  # crop area bound; None: 0.25 below 128 px, else 0.08
+    seed: int = 0  # model initialisation, data order, augmentation
+    num_workers: int = 0  # DataLoader workers; 0 is fastest for small in-memory images
+    val: str | None = None  # held-out input evaluated after every epoch, e.g. "digits:val"
+    image_size: int = 32  # side at which digits sources are rendered
+    device: str = "auto"  # "auto", "cpu" or "cuda[:N]"
+    progress: bool = False  # progress bar on stderr
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):  # click and JSON give lists; store canonical tuples
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"--{name} needs 3 values (R G B), got {len(value)}")
+            object.__setattr__(self, name, value)
+        for field, ok, need in _checks(self):
+            if not ok:
+                value = getattr(self, field)
+                raise ValueError(f"--{field.replace('_', '-')} must be {need}, got {value!r}")
+        check_teacher_name(self.teacher)
+        if self.teacher_weights is not None and not Path(self.teacher_weights).is_file():
+            raise ValueError(f"--teacher-weights {self.teacher_weights} is not a file")
+
+    @property
+    def crop_scale(self) -> tuple[float, float]:
+        """RandomResizedCrop's area range."""
+        default = 0.08 if self.img_size >= LARGE_INPUT else 0.25
+        return (default if self.min_scale is None else self.min_scale, 1.0)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The eval preprocessing the trained teacher expects, as written to the sidecar."""
+        resize = self.resize
+        if resize is None:
+            resize = round(self.img_size / 0.875) if self.img_size >= LARGE_INPUT else self.img_size
+        return Preprocessing(resize=resize, crop=self.img_size, mean=self.mean, std=self.std,
+                             interpolation=self.interpolation)
+
+    def resolved(self) -> TeacherTrainConfig:
+        """A copy with every None derived from the other options (num_classes excepted)."""
+        lr, wd = OPTIMIZERS[self.optimizer]["lr"], OPTIMIZERS[self.optimizer]["weight_decay"]
+        return replace(self, lr=lr if self.lr is None else self.lr,
+                       weight_decay=wd if self.weight_decay is None else self.weight_decay,
+                       resize=self.preprocessing.resize, min_scale=self.crop_scale[0])
+
+
+def _checks(c: TeacherTrainConfig) -> list[tuple[str, bool, str]]:
+    """``(field, valid, what it must be)`` for every option with a simple range."""
+    return [
+        ("data", bool(c.data), "an input (digits:train, a folder or tars)"),
+        ("out", bool(c.out) and Path(c.out).suffix != ".json",
+         "a weights file such as teacher.pt (not .json: that is the sidecar's name)"),
+        ("num_classes", c.num_classes is None or c.num_classes >= 2, ">= 2"),
+        ("epochs", c.epochs >= 1, ">= 1"),
+        ("batch_size", c.batch_size >= 1, ">= 1"),
+        ("lr", c.lr is None or c.lr > 0, "> 0"),
+        ("optimizer", c.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+        ("weight_decay", c.weight_decay is None or c.weight_decay >= 0, ">= 0"),
+        ("label_smoothing", 0 <= c.label_smoothing < 1, "in [0, 1)"),
+        ("img_size", c.img_size >= 8, ">= 8"),
+        ("resize", c.resize is None or c.resize >= c.img_size, f">= --img-size ({c.img_size})"),
+        ("std", min(c.std) > 0, "positive"),
+        ("interpolation", c.interpolation in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}"),
+        ("min_scale", c.min_scale is None or 0 < c.min_scale <= 1, "in (0, 1]"),
+        ("seed", c.seed >= 0, ">= 0"),
+        ("num_workers", c.num_workers >= 0, ">= 0"),
+        ("image_size", c.image_size >= 8, ">= 8"),
+    ]
+
+
+def train_transform(prep: Preprocessing, *, scale: tuple[float, float]) -> v2.Compose:
+    """Random crop of ``prep.crop`` px, flip, normalise: uint8 (3, H, W) -> float (3, S, S)."""
+    mode = v2.InterpolationMode(prep.interpolation)
+    crop = v2.RandomResizedCrop(prep.crop, scale=scale, interpolation=mode, antialias=True)
+    return v2.Compose([crop, v2.RandomHorizontalFlip(), *_to_input(prep)])
+
+
+def eval_transform(prep: Preprocessing) -> v2.Compose:
+    """Resize the short side, centre crop, normalise: the input stage one's global view gives."""
+    mode = v2.InterpolationMode(prep.interpolation)
+    resize = v2.Resize(prep.resize, interpolation=mode, antialias=True)
+    return v2.Compose([resize, v2.CenterCrop(prep.crop), *_to_input(prep)])
+
+
+def _to_input(prep: Preprocessing) -> list[v2.Transform]:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)]
+
+
+class SourceImages(Dataset):
+    """The decodable images of a Source as ``(transform(uint8 (3, H, W)), label)`` items.
+
+    Undecodable inputs are skipped at construction and listed in ``skipped`` as
+    ``(path, reason)``, as stage one skips them. Decoded pixels stay in memory.
+    """
+
+    def __init__(self, source: Source, transform: v2.Transform) -> None:
+        self.transform = transform
+        self.pixels: list[torch.Tensor] = []  # (3, H, W) uint8 each
+        self.labels: list[int] = []
+        self.skipped: list[tuple[str, str]] = []
+        for candidate in source.candidates:
+            try:
+                img = decode_image(read_bytes(candidate))
+            except (ImageDecodeError, OSError) as error:
+                self.skipped.append((candidate.path, str(error)))
+                continue
+            self.pixels.append(v2.functional.pil_to_tensor(img))
+            self.labels.append(candidate.label)
+        if not self.pixels:
+            raise ValueError(f"input {source.spec!r} has no decodable images")
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.pixels[index]), self.labels[index]
+
+    def with_transform(self, transform: v2.Transform) -> SourceImages:
+        """The same images (shared, not copied) under another transform."""
+        other = object.__new__(SourceImages)
+        other.__dict__.update(self.__dict__, transform=transform)
+        return other
+
+
+def replace_head(model: nn.Module, num_classes: int) -> str:
+    """Swap the model's classifier for a freshly initialised one with ``num_classes`` outputs.
+
+    The classifier is the last ``nn.Linear`` in ``named_modules`` order (the last ``nn.Conv2d``
+    for models without one, e.g. SqueezeNet), which is the layer :func:`build_teacher` reads the
+    class count from. Weights ~ N(0, 0.01), bias 0: torchvision's RegNet/MobileNet head init.
+
+    Args:
+        model: a torchvision classification model.
+        num_classes: outputs of the new classifier.
+
+    Returns:
+        The dotted name of the replaced module, e.g. "fc".
+    """
+    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    heads = heads or [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not heads:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv2d classifier to replace")
+    name, old = heads[-1]
+    bias = old.bias is not None
+    if isinstance(old, nn.Linear):
+        new: nn.Module = nn.Linear(old.in_features, num_classes, bias=bias)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, bias=bias)
+    nn.init.normal_(new.weight, std=0.01)
+    if bias:
+        nn.init.zeros_(new.bias)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new.to(old.weight.device, old.weight.dtype))
+    return name
+
+
+def build_start_model(
+    name: str, *, num_classes: int, prep: Preprocessing, weights_path: str | None = None
+) -> nn.Module:
+    """The model training starts from: fresh, or the fine-tune weights with a fitted head.
+
+    Args:
+        name: torchvision model name.
+        num_classes: head size to train.
+        prep: preprocessing of the trained teacher (its crop sizes ViT/MaxViT position tables).
+        weights_path: start weights, loaded strictly through :func:`build_teacher`, or None.
+
+    Returns:
+        The model in train mode on the CPU.
+    """
+    if weights_path is None:
+        # Built with the switches build_teacher mirrors when it reloads the saved file, so the
+        # trained state dict fits the model stage one constructs.
+        kwargs = _arch_kwargs(name, prep, {})
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        return model.train()
+    model, info = build_teacher(
+        name, weights_path=weights_path, preprocessing_overrides={"crop": prep.crop}
+    )
+    if info.num_classes != num_classes:
+        replace_head(model, num_classes)
+    return model.train()
+
+
+def evaluate_teacher(
+    model: nn.Module, source: Source | SourceImages, prep: Preprocessing, *,
+    batch_size: int = 256, device: torch.device | str = "cpu",
+) -> float:
+    """Top-1 accuracy of ``model`` on a source through the eval transform of ``prep``.
+
+    Args:
+        model: classifier; it is moved to ``device`` and left in eval mode.
+        source: labelled input (undecodable images left out), or already decoded images.
+        prep: eval preprocessing (resize, centre crop, normalisation).
+        batch_size: images per forward pass.
+        device: where the model runs.
+
+    Returns:
+        Fraction of images whose arg-max class is the label, in [0, 1].
+    """
+    if not isinstance(source, SourceImages):
+        source = SourceImages(source, eval_transform(prep))
+    data = source.with_transform(eval_transform(prep))
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    return _accuracy(model.to(device), loader, torch.device(device))
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        with _autocast(device):
+            logits = model(images.to(device))
+        correct += (logits.argmax(1).cpu() == labels).sum().item()
+        total += len(labels)
+    return correct / total
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    # bf16 keeps fp32's exponent range, so no loss scaling is needed; CPU stays in fp32 to keep
+    # runs bit-for-bit reproducible.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _optimizer(model: nn.Module, config: TeacherTrainConfig) -> torch.optim.Optimizer:
+    # No decay on norm scales and biases (fewer than 2 dims): decaying them only hurts.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _schedule(
+    optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule: one epoch of linear warmup (none for one epoch), then cosine to 0."""
+    total = epochs * steps_per_epoch
+    warmup = steps_per_epoch if epochs > 1 else 0
+    sched = torch.optim.lr_scheduler
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=total - warmup)
+    if warmup == 0:
+        return cosine
+    linear = sched.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
+    return sched.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+
+
+def _train_epoch(
+    model: nn.Module, loader: DataLoader, *, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, loss_fn: nn.Module, device: torch.device,
+    bar: tqdm,
+) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean loss and the top-1 on the augmented crops."""
+    model.train()
+    loss_sum = correct = total = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(images)
+            loss = loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        total += len(labels)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return {"loss": loss_sum / total, "top1": correct / total}
+
+
+def save_teacher(model: nn.Module, path: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
+    """Write ``model.state_dict()`` to ``path`` and the sidecar beside it, both atomically.
+
+    Order: weights to a temporary file, the sidecar, then the rename. A failure leaves no
+    partial or temporary file, and never new weights without the sidecar that describes them.
+
+    Args:
+        model: the trained model (tensors are saved from the CPU, so the file loads anywhere).
+        path: the weights file.
+        sidecar: JSON-ready dict for :func:`write_sidecar`.
+    Returns:
+        The weights path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        write_sidecar(path, sidecar)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _load_data(config: TeacherTrainConfig) -> tuple[Source, Source | None, int]:
+    """Resolve the training and validation inputs and the head size; check they agree."""
+    train = resolve_source(config.data, image_size=config.image_size)
+    if not train.candidates:
+        raise ValueError(f"--data {config.data!r} holds no images")
+    val = resolve_source(config.val, image_size=config.image_size) if config.val else None
+    if val is not None and val.class_names != train.class_names:
+        raise ValueError(
+            f"--val {config.val!r} has classes {val.class_names[:5]}... but --data has "
+            f"{train.class_names[:5]}...; both need the same class folders"
+        )
+    num_classes = config.num_classes or len(train.class_names)
+    top = max(c.label for s in (train, val) if s for c in s.candidates)
+    if top >= num_classes:
+        raise ValueError(f"--num-classes {num_classes} is too small: the data has label {top}")
+    return train, val, num_classes
+
+
+def _loader(data: Dataset, *, config: TeacherTrainConfig, shuffle: bool,
+            generator: torch.Generator | None = None) -> DataLoader:
+    # drop_last avoids a last batch of one image, which BatchNorm cannot normalise in training.
+    drop_last = shuffle and len(data) > config.batch_size
+    return DataLoader(data, batch_size=config.batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=config.num_workers, generator=generator)
+
+
+def train_teacher(config: TeacherTrainConfig) -> dict[str, Any]:
+    """Train (or fine-tune) a teacher on ``config.data`` and save weights and sidecar.
+
+    Deterministic for a fixed ``config.seed`` on the CPU (the same weights bit for bit).
+
+    Args:
+        config: the run's options.
+
+    Returns:
+        ``weights`` and ``sidecar`` paths, ``train_top1`` (eval transform on the training data,
+        in [0, 1]), ``val_top1`` (None without ``config.val``), ``epochs``, ``seconds``,
+        ``skipped`` (undecodable ``(path, reason)``) and ``history``: per epoch ``epoch``,
+        ``loss``, ``top1`` (on the augmented crops), ``lr`` (at its start), ``val_top1``.
+    """
+    start, config = time.perf_counter(), config.resolved()
+    device, prep = resolve_device(config.device), config.preprocessing
+    train_src, val_src, num_classes = _load_data(config)
+    torch.manual_seed(config.seed)  # model init and transforms draw from torch's generator
+    train_data = SourceImages(train_src, train_transform(prep, scale=config.crop_scale))
+    val_data = SourceImages(val_src, eval_transform(prep)) if val_src else None
+    model = build_start_model(config.teacher, num_classes=num_classes, prep=prep,
+                              weights_path=config.teacher_weights).to(device)
+    history = _fit(model, train_data, val_data, config=config, device=device)
+    train_top1 = evaluate_teacher(model, train_data, prep, batch_size=config.batch_size,
+                                  device=device)
+    val_top1 = history[-1]["val_top1"]
+    names = train_src.class_names if len(train_src.class_names) == num_classes else None
+    sidecar = {
+        "model": config.teacher, "num_classes": num_classes, "class_names": names,
+        **prep.to_dict(),
+        "train": {"config": asdict(config), "train_top1": train_top1, "val_top1": val_top1,
+                  "skipped": len(train_data.skipped)},
+    }
+    weights = save_teacher(model.cpu(), config.out, sidecar)
+    return {
+        "weights": str(weights), "sidecar": str(sidecar_path(weights)),
+        "train_top1": train_top1, "val_top1": val_top1, "epochs": config.epochs,
+        "seconds": time.perf_counter() - start, "skipped": train_data.skipped, "history": history,
+    }
+
+
+def _fit(
+    model: nn.Module, train_data: SourceImages, val_data: SourceImages | None, *,
+    config: TeacherTrainConfig, device: torch.device,
+) -> list[dict[str, Any]]:
+    """The epochs of :func:`train_teacher`; returns the per-epoch history."""
+    generator = torch.Generator().manual_seed(config.seed)  # data order
+    loader = _loader(train_data, config=config, shuffle=True, generator=generator)
+    val_loader = _loader(val_data, config=config, shuffle=False) if val_data else None
+    optimizer = _optimizer(model, config)
+    scheduler = _schedule(optimizer, epochs=config.epochs, steps_per_epoch=len(loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    history: list[dict[str, Any]] = []
+    desc = f"train-teacher {config.teacher}"
+    with tqdm(total=config.epochs * len(loader), disable=not config.progress, unit="step",
+              desc=desc) as bar:
+        for epoch in range(1, config.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            stats = _train_epoch(model, loader, optimizer=optimizer, scheduler=scheduler,
+                                 loss_fn=loss_fn, device=device, bar=bar)
+            val_top1 = _accuracy(model, val_loader, device) if val_loader else None
+            history.append({"epoch": epoch, **stats, "lr": lr, "val_top1": val_top1})
+            val = f" val {val_top1:.1%}" if val_top1 is not None else ""
+            bar.set_description(f"{desc} epoch {epoch}{val}")
+    return history

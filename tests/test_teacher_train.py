@@ -1,0 +1,207 @@
+"""Teacher training: options, head replacement, atomic saving, and a round trip through
+build_teacher with the sidecar."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from deitpipe.shards.sources import _digits, digits_split, render_digit, resolve_source
+from deitpipe.teacher import build_teacher, read_sidecar, sidecar_path
+from deitpipe.teacher import train as train_mod
+from deitpipe.teacher.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from deitpipe.teacher.train import (
+    SourceImages,
+    TeacherTrainConfig,
+    build_start_model,
+    eval_transform,
+    evaluate_teacher,
+    replace_head,
+    save_teacher,
+    train_teacher,
+)
+
+ARCH = "regnet_y_400mf"
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The steps are small: a second OpenMP thread gains little, and on a shared machine a busy
+    # core stalls every parallel region, which makes timings swing tenfold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digit_folder(root: Path, *, classes: tuple[int, ...], per_class: int) -> Path:
+    """An ImageFolder of the first ``per_class`` training digits of each class in ``classes``."""
+    _, target = _digits()
+    train, _ = digits_split()
+    for c in classes:
+        (root / f"d{c}").mkdir(parents=True)
+        for i in [i for i in train if target[i] == c][:per_class]:
+            (root / f"d{c}" / f"{i:04d}.png").write_bytes(render_digit(int(i), image_size=32))
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder3(tmp_path_factory) -> Path:
+    """Three classes (digits 0, 1, 2), 10 images each, plus one file that is not an image."""
+    root = digit_folder(tmp_path_factory.mktemp("digits3"), classes=(0, 1, 2), per_class=10)
+    (root / "d1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    return root
+
+
+def quick(tmp_path: Path, **kw) -> TeacherTrainConfig:
+    options = dict(teacher=ARCH, epochs=1, batch_size=16, out=str(tmp_path / "t.pt"), device="cpu")
+    return TeacherTrainConfig(**{**options, **kw})
+
+
+@pytest.mark.parametrize(
+    ("kw", "option"),
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"lr": -1.0}, "--lr"),
+        ({"optimizer": "adam"}, "--optimizer"),
+        ({"weight_decay": -0.1}, "--weight-decay"),
+        ({"label_smoothing": 1.0}, "--label-smoothing"),
+        ({"img_size": 4}, "--img-size"),
+        ({"img_size": 64, "resize": 32}, "--resize"),
+        ({"mean": (0.5, 0.5)}, "--mean"),
+        ({"std": (0.2, 0.0, 0.2)}, "--std"),
+        ({"interpolation": "lanczos"}, "--interpolation"),
+        ({"min_scale": 0.0}, "--min-scale"),
+        ({"num_classes": 1}, "--num-classes"),
+        ({"num_workers": -1}, "--num-workers"),
+        ({"seed": -3}, "--seed"),
+        ({"out": "teacher.json"}, "--out"),
+        ({"teacher_weights": "/nonexistent/teacher.pt"}, "--teacher-weights"),
+        ({"teacher": "regnet_y_400"}, "regnet_y_400mf"),
+    ],
+)
+def test_bad_options_give_one_line_errors(kw, option):
+    with pytest.raises(ValueError) as error:
+        TeacherTrainConfig(**kw)
+    assert option in str(error.value) and "\n" not in str(error.value)
+
+
+def test_defaults_follow_input_size_and_optimizer():
+    small, large = TeacherTrainConfig(), TeacherTrainConfig(img_size=224)
+    assert (small.preprocessing.resize, small.crop_scale) == (32, (0.25, 1.0))
+    assert (large.preprocessing.resize, large.crop_scale) == (256, (0.08, 1.0))
+    assert small.lr is None and small.resolved().lr == 0.03
+    assert TeacherTrainConfig(optimizer="adamw").resolved().weight_decay == 0.05
+    resolved = TeacherTrainConfig(mean=[0.1, 0.2, 0.3], lr=0.5).resolved()
+    assert resolved.mean == (0.1, 0.2, 0.3) and resolved.lr == 0.5
+    assert (resolved.resize, resolved.min_scale) == (32, 0.25)
+
+
+@pytest.mark.parametrize(("arch", "head"), [(ARCH, "fc"), ("squeezenet1_1", "classifier.1")])
+def test_replace_head_changes_only_the_classifier(arch, head):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, num_classes=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert replace_head(model, 3) == head
+    after = model.state_dict()
+    assert after[f"{head}.weight"].shape[0] == 3
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith(f"{head}."))
+
+
+def test_finetune_start_keeps_every_weight_but_the_head(tmp_path):
+    torch.manual_seed(0)
+    ten = torchvision.models.get_model(ARCH, num_classes=10)
+    torch.save(ten.state_dict(), tmp_path / "ten.pt")  # no sidecar: the class count is inferred
+    prep = Preprocessing(resize=32, crop=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    three = build_start_model(ARCH, num_classes=3, prep=prep, weights_path=str(tmp_path / "ten.pt"))
+    old, new = ten.state_dict(), three.state_dict()
+    assert new["fc.weight"].shape == (3, old["fc.weight"].shape[1])
+    assert three.training
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith("fc."))
+    same = build_start_model(ARCH, num_classes=10, prep=prep, weights_path=str(tmp_path / "ten.pt"))
+    assert all(torch.equal(old[k], v) for k, v in same.state_dict().items())
+
+
+def test_round_trip_through_build_teacher(tmp_path, folder3):
+    torch.manual_seed(1)
+    torch.save(torchvision.models.get_model(ARCH, num_classes=10).state_dict(), tmp_path / "ten.pt")
+    config = quick(tmp_path, data=str(folder3), val=str(folder3), mean=MEAN, std=STD, epochs=2,
+                   teacher_weights=str(tmp_path / "ten.pt"), progress=True)
+    result = train_teacher(config)
+    assert result["weights"] == config.out and result["sidecar"] == str(sidecar_path(config.out))
+    assert [p for p, _ in result["skipped"]] == ["d1/broken.png"]
+    assert [h["epoch"] for h in result["history"]] == [1, 2] and result["epochs"] == 2
+    assert 0 <= result["train_top1"] <= 1
+    assert result["val_top1"] == result["history"][-1]["val_top1"]
+    # Nothing but the weights and the sidecar is left: no temporary files.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.pt", "ten.pt"]
+    model, info = build_teacher(ARCH, weights_path=config.out)
+    assert info.num_classes == 3 and info.class_names == ("d0", "d1", "d2")
+    assert info.preprocessing == Preprocessing(resize=32, crop=32, mean=MEAN, std=STD)
+    assert read_sidecar(config.out)["train"]["config"]["lr"] == 0.03
+    saved = torch.load(config.out, weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    # The reloaded teacher scores the held-out data exactly as training measured it.
+    top1 = evaluate_teacher(model, resolve_source(str(folder3)), info.preprocessing, batch_size=16)
+    assert top1 == pytest.approx(result["val_top1"])
+
+
+def test_training_is_deterministic_for_a_seed(tmp_path, folder3):
+    states = []
+    for run in ("a", "b"):
+        config = quick(tmp_path / run, data=str(folder3), seed=3, optimizer="adamw")
+        train_teacher(config)
+        states.append(torch.load(config.out, weights_only=True))
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_mismatched_data_is_rejected_before_training(tmp_path, folder3):
+    with pytest.raises(ValueError, match="--val"):
+        train_teacher(quick(tmp_path, data=str(folder3), val="digits:val"))
+    with pytest.raises(ValueError, match="--num-classes 2 is too small"):
+        train_teacher(quick(tmp_path, data=str(folder3), num_classes=2))
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "t.pt"
+    path.write_bytes(b"previous")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_mod, "write_sidecar", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_teacher(nn.Linear(3, 2), path, {"model": "x"})
+    assert path.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.pt"]
+    monkeypatch.undo()
+    save_teacher(nn.Linear(3, 2), path, {"model": "x"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.pt"]
+    assert torch.load(path, weights_only=True)["weight"].shape == (2, 3)
+
+
+def test_undecodable_inputs_are_skipped_and_listed(folder3):
+    prep = TeacherTrainConfig().preprocessing
+    data = SourceImages(resolve_source(str(folder3)), eval_transform(prep))
+    assert len(data) == 30 and data.skipped[0][0] == "d1/broken.png"
+    image, label = data[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 0
+
+
+def test_training_learns_well_above_chance(tmp_path):
+    # 3 classes x 30 digits, 8 short epochs: 0.73-0.87 training top-1 over seeds 0-4 (chance
+    # 0.33). Weak augmentation and no decay so that a few dozen steps are enough.
+    folder = digit_folder(tmp_path / "digits", classes=(0, 1, 2), per_class=30)
+    config = quick(tmp_path, data=str(folder), epochs=8, min_scale=1.0, label_smoothing=0.0,
+                   weight_decay=0.0, lr=0.01)
+    result = train_teacher(config)
+    assert result["train_top1"] > 0.6
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
