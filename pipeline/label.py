@@ -31,7 +31,7 @@ from deitpipe.shards.image import (
     storable_image,
 )
 from deitpipe.shards.manifest import file_sha256, read_manifest, write_manifest
-from deitpipe.shards.plan import plan_shards
+from deitpipe.shards.plan import assign_shards
 from deitpipe.shards.sources import Candidate, Source, read_bytes, resolve_source
 from deitpipe.shards.views import global_box, random_view_boxes
 from deitpipe.shards.writer import ShardFileWriter, encode_sample
@@ -133,11 +133,16 @@ def _items(source: Source, indices: list[int]) -> list[dict[str, Any]]:
              "ref": cands[i].ref, "size": cands[i].size, "data": cands[i].data} for i in indices]
 
 
-def pack_shard(*, out_dir: Path, shard: int, first_index: int, source: Source,
+def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int, source: Source,
                rows: dict[int, dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    """Write one shard from its labelled rows (index -> row); returns its manifest entry."""
+    """Write one shard from its labelled rows (index -> row), in its planned order.
+
+    Returns:
+        Its manifest entry; ``first_index`` is the position of its first input in the
+        assignment order (``shards.plan.assign_shards``).
+    """
     with ShardFileWriter(out_dir, schema.shard_name(shard)) as writer:
-        for index in sorted(rows):
+        for index in (i for i in order if i in rows):
             row, cand = rows[index], source.candidates[index]
             data = read_bytes(cand)
             ext = sniff_image_type(data)
@@ -178,7 +183,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
             f"--data has {len(source.class_names)} classes but teacher {info.name} has "
             f"{info.num_classes} outputs; fine-tune the teacher to the data's classes first"
         )
-    plan = plan_shards(len(source.candidates), config.shard_size)
+    plan = assign_shards(len(source.candidates), config.shard_size, seed=config.seed)
     manifest = _open_output(out, config, source, info)
     done = {e["name"] for e in manifest["shards"]}
     todo = [s for s in range(len(plan)) if schema.shard_name(s) not in done]
@@ -257,7 +262,7 @@ def _inputs_summary(source: Source, shards: list[dict[str, Any]]) -> dict[str, A
             "skipped": skipped, "ignored": len(source.ignored), "ignored_examples": source.ignored[:20]}
 
 
-def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: list[range],
+def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: list[list[int]],
                   todo: list[int], manifest: dict[str, Any], out: Path,
                   teacher_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     """Label the shards in ``todo`` and pack each as soon as it is complete."""
@@ -323,9 +328,10 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
     return written
 
 
-def _pack(*, out: Path, shard: int, plan: list[range], source: Source, rows: dict[int, dict[str, Any]],
+def _pack(*, out: Path, shard: int, plan: list[list[int]], source: Source, rows: dict[int, dict[str, Any]],
           skipped: list[dict[str, str]], num_classes: int) -> dict[str, Any]:
-    entry = pack_shard(out_dir=out, shard=shard, first_index=plan[shard].start, source=source, rows=rows,
+    first = sum(len(p) for p in plan[:shard])
+    entry = pack_shard(out_dir=out, shard=shard, order=plan[shard], first_index=first, source=source, rows=rows,
                        num_classes=num_classes)
     return {**entry, "candidates": len(plan[shard]), "skipped": skipped}
 

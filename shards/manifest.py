@@ -8,7 +8,8 @@ Keys the pipeline writes (all JSON):
 - ``num_classes``, ``class_names``, ``views`` (V random views per sample), ``topk``,
   ``full_softmax``
 - ``shards``: ``[{name, samples, sha256, bytes, first_index, candidates, skipped}, ...]`` in
-  reading order; ``candidates`` planned inputs from ``first_index`` on, ``samples`` of them stored
+  reading order; ``candidates`` inputs from position ``first_index`` of the assignment order
+  (``plan.assign_shards``), ``samples`` of them stored
 - ``inputs``: ``{found, labelled, skipped: [{path, reason}], ignored, ignored_examples}``
 """
 

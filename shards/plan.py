@@ -87,3 +87,24 @@ def epoch_sample_order(*, num_samples: int, seed: int, epoch: int, shard: str) -
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     ss = np.random.SeedSequence([seed, epoch, zlib.crc32(shard.encode("utf-8"))])
     return np.random.default_rng(ss).permutation(num_samples)
+
+
+def assign_shards(num_samples: int, shard_size: int, *, seed: int) -> list[list[int]]:
+    """Assign the sorted inputs to shards in a seeded random order, so that every shard mixes classes.
+
+    Inputs come sorted (an ImageFolder is sorted by class), and a reader shuffles only within the
+    few shards it holds at a time: shards cut from the sorted list would give batches of one or
+    two classes. Shard ``s`` holds positions ``plan_shards(...)[s]`` of one permutation.
+
+    Args:
+        num_samples: number of inputs (indices 0..n-1 in sorted order).
+        shard_size: inputs per shard; the last shard holds the remainder.
+        seed: seed of the permutation.
+    Returns:
+        Per shard, its input indices in writing order; every index is in exactly one shard.
+    """
+    order = np.random.default_rng(np.random.SeedSequence([seed, _ASSIGN_TAG])).permutation(num_samples)
+    return [order[r.start:r.stop].tolist() for r in plan_shards(num_samples, shard_size)]
+
+
+_ASSIGN_TAG = 0xA55164

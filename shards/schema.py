@@ -1,7 +1,7 @@
 """The shard schema, defined once: member names, dtypes and the schema version.
 
 A shard is a plain WebDataset tar. Each sample ``KEY`` (no dots; ``s`` + 9 digits of its index in
-the sorted input list) has these members:
+the sorted input list; shards mix inputs in a seeded order) has these members:
 
 ===================  =====================  =================================================
 member               content                shape / dtype

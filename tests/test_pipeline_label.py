@@ -125,6 +125,8 @@ def test_interrupted_run_completes_identically(tmp_path):
     weights = _teacher(tmp_path, 10)
     full, cut = tmp_path / "full", tmp_path / "cut"
     label_teacher(_config(data, full, weights))
+    keys = [s["key"] for s in _samples(full)]
+    assert sorted(keys) == [schema.sample_key(i) for i in range(10)] and keys != sorted(keys)  # mixed
     # A run killed after two of five shards: later shards missing, a half-written temp file.
     shutil.copytree(full, cut)
     manifest = json.loads((cut / schema.MANIFEST_NAME).read_text())

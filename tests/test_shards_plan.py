@@ -73,3 +73,16 @@ def test_epoch_sample_order_is_a_seeded_permutation():
     assert np.array_equal(a, epoch_sample_order(num_samples=50, seed=0, epoch=1, shard="shard-000000.tar"))
     assert not np.array_equal(a, epoch_sample_order(num_samples=50, seed=0, epoch=2, shard="shard-000000.tar"))
     assert not np.array_equal(a, epoch_sample_order(num_samples=50, seed=0, epoch=1, shard="shard-000001.tar"))
+
+
+def test_assign_shards_mixes_and_covers_every_input_once():
+    from deitpipe.shards.plan import assign_shards
+
+    plan = assign_shards(100, 30, seed=3)
+    assert [len(p) for p in plan] == [30, 30, 30, 10]
+    flat = [i for p in plan for i in p]
+    assert sorted(flat) == list(range(100))
+    assert assign_shards(100, 30, seed=3) == plan
+    assert assign_shards(100, 30, seed=4) != plan
+    # sorted inputs of 10 classes (10 each): every full shard holds many classes
+    assert all(len({i // 10 for i in p}) >= 6 for p in plan[:3])
