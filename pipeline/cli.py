@@ -41,6 +41,8 @@ def main() -> None:
 @click.option("--num-classes", type=int, default=None, help="Teacher head size (default: from the weights).")
 @click.option("--views", type=int, default=8, show_default=True,
               help="Random RandomResizedCrop views per image, stored besides the global view; 0 = global only.")
+@click.option("--min-scale", type=float, default=0.08, show_default=True,
+              help="Smallest crop area of a random view, as a fraction of the image.")
 @click.option("--topk", type=int, default=10, show_default=True, help="Stored top-k of each view's softmax.")
 @click.option("--full-softmax", is_flag=True, help="Also store each view's full softmax (float16).")
 @click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
@@ -109,6 +111,8 @@ def _model_options(f):
 @click.option("--tau", type=float, default=1.0, show_default=True, help="Soft distillation temperature.")
 @click.option("--teacher-labels", type=click.Choice(["views", "global"]), default=None,
               help="views: replay stored views (default when the shards have them); global: fresh crops with the global label (fixed teacher).")
+@click.option("--min-scale", type=float, default=0.08, show_default=True,
+              help="Smallest area of fresh random crops (--teacher-labels global, --distillation none).")
 @click.option("--rand-augment", type=int, default=9, show_default=True, help="RandAugment magnitude; -1 switches it off.")
 @click.option("--random-erasing", type=float, default=0.25, show_default=True, help="Random erasing probability.")
 @click.option("--mixup", type=float, default=0.8, show_default=True, help="Mixup alpha; 0 off.")
@@ -209,9 +213,10 @@ def train_teacher_cmd(no_progress: bool, **options) -> None:
 @click.option("--out", default="demo-out", show_default=True, help="Directory for every stage's output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of split, teacher, views and students.")
 @click.option("--teacher", default="resnet18", show_default=True, help="torchvision model trained as the teacher.")
-@click.option("--teacher-epochs", type=int, default=15, show_default=True, help="Teacher epochs.")
-@click.option("--student-epochs", type=int, default=30, show_default=True, help="Epochs of each student.")
+@click.option("--teacher-epochs", type=int, default=10, show_default=True, help="Teacher epochs.")
+@click.option("--student-epochs", type=int, default=22, show_default=True, help="Epochs of each student.")
 @click.option("--views", type=int, default=16, show_default=True, help="Stored views per image.")
+@click.option("--min-scale", type=float, default=0.35, show_default=True, help="Smallest view area (fraction).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo_cmd(no_progress: bool, **options) -> None:
     """The whole pipeline on scikit-learn's digits: teacher, labels, two students, table."""

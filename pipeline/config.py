@@ -20,6 +20,7 @@ class LabelConfig:
         teacher_weights: local state-dict file; None uses torchvision's weights (hub cache).
         num_classes: teacher head size; None infers it from the weights.
         views: random views per image, besides the global view.
+        min_scale: smallest crop area of a random view, as a fraction of the image (DeiT: 0.08).
         topk: stored top-k of each view's softmax.
         full_softmax: store the full softmax (float16) as well.
         shard_size: samples per shard.
@@ -41,6 +42,7 @@ class LabelConfig:
     teacher_weights: str | None = None
     num_classes: int | None = None
     views: int = 8
+    min_scale: float = 0.08
     topk: int = 10
     full_softmax: bool = False
     shard_size: int = 1000
@@ -66,6 +68,8 @@ class LabelConfig:
         for option, (value, low) in checks.items():
             if value < low:
                 raise ValueError(f"{option} must be >= {low}, got {value}")
+        if not 0 < self.min_scale <= 1:
+            raise ValueError(f"--min-scale must be in (0, 1], got {self.min_scale}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"--num-classes must be >= 2, got {self.num_classes}")
         if self.num_actors is not None and self.num_actors < 1:
@@ -97,6 +101,7 @@ class TrainConfig:
         distillation, alpha, tau: the loss ("none", "soft" or "hard").
         teacher_labels: "views" (replay stored views), "global" (fixed teacher), or None for
             views when the shards have them, else global.
+        min_scale: smallest area of the fresh random crops ("global" labels, no distillation).
         rand_augment, random_erasing, mixup, cutmix, mixup_switch, label_smoothing: the DeiT
             recipe's augmentations; 0 or None switches one off.
         online_teacher, teacher_weights: run this torchvision teacher live on the student's
@@ -133,6 +138,7 @@ class TrainConfig:
     alpha: float = 0.5
     tau: float = 1.0
     teacher_labels: str | None = None
+    min_scale: float = 0.08
     rand_augment: int | None = 9
     random_erasing: float = 0.25
     mixup: float = 0.8

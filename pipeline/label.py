@@ -47,7 +47,7 @@ class LabelError(RuntimeError):
 
 
 def image_views(
-    data: bytes, *, key: str, seed: int, views: int, prep: Preprocessing
+    data: bytes, *, key: str, seed: int, views: int, prep: Preprocessing, min_scale: float = 0.08
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Decode one image and cut its global view plus ``views`` random views at the teacher's size.
 
@@ -57,6 +57,7 @@ def image_views(
         seed: run seed.
         views: number of random views V.
         prep: teacher preprocessing (resize, crop, interpolation).
+        min_scale: smallest crop area of a random view.
     Returns:
         ``({"height", "width", "box" (V+1, 4), "flip" (V+1,)}, pixels (V+1, 3, S, S) uint8)``.
     Raises:
@@ -64,7 +65,8 @@ def image_views(
     """
     img = decode_image(data)
     width, height = img.size
-    boxes, flips = random_view_boxes(seed=seed, key=key, num_views=views, height=height, width=width)
+    boxes, flips = random_view_boxes(seed=seed, key=key, num_views=views, height=height, width=width,
+                                     scale=(min_scale, 1.0))
     g = global_box(height=height, width=width, resize=prep.resize, crop=prep.crop)
     boxes = np.concatenate([np.asarray([g], dtype=schema.BOX_DTYPE), boxes])  # (V+1, 4)
     flips = np.concatenate([np.zeros(1, dtype=schema.FLIP_DTYPE), flips])  # (V+1,)
@@ -72,8 +74,8 @@ def image_views(
     return {"height": height, "width": width, "box": boxes, "flip": flips}, pixels
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, seed: int, views: int,
-                 prep: dict[str, Any]) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, seed: int, views: int, prep: dict[str, Any],
+                 min_scale: float = 0.08) -> dict[str, np.ndarray]:
     """Ray Data task: candidates -> view crops. Undecodable images come back with ``ok`` False."""
     prep_ = Preprocessing.from_dict(prep)
     n, s = len(batch["index"]), prep_.crop
@@ -88,7 +90,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, seed: int, views: int,
         cand = _candidate(batch, i)
         try:
             geo, pixels = image_views(read_bytes(cand), key=schema.sample_key(int(batch["index"][i])),
-                                      seed=seed, views=views, prep=prep_)
+                                      seed=seed, views=views, prep=prep_, min_scale=min_scale)
         except (ImageDecodeError, OSError) as exc:
             out["reason"][i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             continue
@@ -269,7 +271,7 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
-    shard_of = {i: s for s in todo for i in plan[s]}
+    shard_of = {i: s for s in todo for i in plan[s]}  # items go in shard order, so shards finish early
     pending: dict[int, dict[int, dict[str, Any]]] = {s: {} for s in todo}
     seen = dict.fromkeys(todo, 0)
     skipped: dict[int, list[dict[str, str]]] = {s: [] for s in todo}
@@ -291,12 +293,12 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
         use_gpu = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
         actors = config.num_actors or (int(ray.cluster_resources()["GPU"]) if use_gpu else 1)
         v = config.views + 1
-        ds = ray.data.from_items(_items(source, sorted(shard_of)))
+        ds = ray.data.from_items(_items(source, [i for s in todo for i in plan[s]]))
         # Decoding runs in CPU tasks, never inside the teacher actor. Ray Data fuses a task stage
         # into an actor stage with equal resource requests, so on a CPU-only cluster the tasks ask
         # for half a CPU (GPU actors differ by num_gpus anyway).
         ds = ds.map_batches(decode_batch, batch_size=8, num_cpus=1 if use_gpu else 0.5, fn_kwargs=dict(
-            seed=config.seed, views=config.views, prep=info.preprocessing.to_dict()))
+            seed=config.seed, views=config.views, prep=info.preprocessing.to_dict(), min_scale=config.min_scale))
         ds = ds.map_batches(
             ViewTeacher, batch_size=max(1, config.batch_size // v), compute=ActorPoolStrategy(size=actors),
             num_gpus=1 if use_gpu else 0, num_cpus=1,

@@ -1,8 +1,13 @@
-"""Progress for long stages: a tqdm bar for people, JSON lines for machines."""
+"""Progress for long stages: a tqdm bar on a terminal, periodic status lines elsewhere.
+
+Lines, not a bar, where stderr is no terminal: in a log file, or inside a Ray Train worker whose
+output Ray forwards to the driver line by line.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,38 +17,57 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-    """A counter with rate and ETA, shown as a bar on a terminal and as log lines otherwise.
+    """A counter with rate and ETA.
 
     Args:
         total: units of work (images, steps).
-        desc: bar label.
+        desc: label.
         unit: what a unit is called.
         enabled: show anything at all.
+        every_s: seconds between status lines when stderr is no terminal.
     """
 
-    def __init__(self, total: int, *, desc: str, unit: str = "img", enabled: bool = True) -> None:
-        self.start = time.perf_counter()
-        self.done = 0
-        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
-                        file=sys.stderr, mininterval=1.0, smoothing=0.1)
+    def __init__(self, total: int, *, desc: str, unit: str = "img", enabled: bool = True,
+                 every_s: float = 15.0) -> None:
+        self.start = self.last = time.perf_counter()
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.done, self.postfix, self.enabled = 0, "", enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
+                            mininterval=1.0, smoothing=0.1)
 
     def update(self, n: int, **postfix: Any) -> None:
         self.done += n
-        self.bar.update(n)
         if postfix:
-            self.bar.set_postfix(postfix, refresh=False)
+            self.postfix = ", ".join(f"{k}={v}" for k, v in postfix.items())
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+        elif self.enabled and time.perf_counter() - self.last >= self.every_s:
+            self._line()
 
     def rate(self) -> float:
         return self.done / max(time.perf_counter() - self.start, 1e-9)
 
+    def _line(self) -> None:
+        self.last = time.perf_counter()
+        rate = self.rate()
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / max(self.total, 1):.0f}%, "
+              f"{rate:.1f} {self.unit}/s, ETA {eta:.0f} s){', ' + self.postfix if self.postfix else ''}",
+              file=sys.stderr, flush=True)
+
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            self._line()
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line (flushed and fsynced, so a killed run keeps what it logged)."""
-    import os
-
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
         f.flush()

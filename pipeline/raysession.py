@@ -25,7 +25,8 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     if ray.is_initialized():
         yield
         return
-    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # Worker output reaches the driver: train-student shows its progress through it.
+    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
     if address:
         ray.init(address=address, **kwargs)
     else:

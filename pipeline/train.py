@@ -201,7 +201,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             ddp, loss_fn, loader, optimizer, device=device, scheduler=scheduler, ema=ema,
             grad_clip=cfg.grad_clip, autocast_dtype=autocast, online_teacher=teacher,
             mixup=_mixup(cfg, info["num_classes"], epoch, rank), max_steps=budget,
-            progress=lambda i, _: bar.update(1))
+            progress=lambda i, _: bar.update(1, epoch=f"{epoch + 1}/{cfg.epochs}"))
         step += int(stats["steps"])
         if stats["steps"] < steps:
             break  # stopped mid-epoch (as if killed): no checkpoint for a partial epoch
@@ -274,7 +274,7 @@ def _train_loader(cfg, info, mode, *, img_size, epoch, rank, world, steps, devic
     augment = Augment(rand_augment=cfg.rand_augment, random_erasing=cfg.random_erasing)
     dataset = ShardReplay(urls=info["urls"], num_classes=info["num_classes"], num_views=info["views"],
                           teacher_labels=mode, img_size=img_size, batch_size=cfg.batch_size, steps=steps,
-                          seed=cfg.seed, rank=rank, world_size=world, augment=augment)
+                          seed=cfg.seed, rank=rank, world_size=world, augment=augment, min_scale=cfg.min_scale)
     dataset.set_epoch(epoch)
     return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
                       pin_memory=device.type == "cuda", persistent_workers=False)

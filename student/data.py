@@ -82,11 +82,13 @@ class ShardReplay(IterableDataset):
         rank, world_size: this rank and the number of ranks.
         augment: what follows the crop.
         interpolation: resize interpolation of the crop.
+        min_scale: smallest crop area of the fresh crops in "global" and "none" modes.
     """
 
     def __init__(self, *, urls: list[str], num_classes: int, num_views: int, teacher_labels: str,
                  img_size: int, batch_size: int, steps: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, augment: Augment = Augment(), interpolation: str = "bilinear"):
+                 world_size: int = 1, augment: Augment = Augment(), interpolation: str = "bilinear",
+                 min_scale: float = 0.08):
         if teacher_labels not in TEACHER_LABELS:
             raise ValueError(f"--teacher-labels must be one of {', '.join(TEACHER_LABELS)}, got {teacher_labels!r}")
         if teacher_labels == "views" and num_views < 1:
@@ -97,6 +99,7 @@ class ShardReplay(IterableDataset):
         self.teacher_labels, self.img_size, self.interpolation = teacher_labels, img_size, interpolation
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.rank, self.world_size = rank, world_size
+        self.scale = (min_scale, 1.0)
         self.transform = augment.build()
         self.epoch = 0
 
@@ -142,7 +145,7 @@ class ShardReplay(IterableDataset):
             view = 0  # the global view's label, reused under a fresh crop: the fixed teacher
             boxes, flips = random_view_boxes(seed=self.seed * 1_000_003 + self.epoch + _FRESH_CROP_TAG,
                                              key=sample["key"], num_views=1, height=img.height,
-                                             width=img.width)
+                                             width=img.width, scale=self.scale)
             box, flip = tuple(boxes[0]), bool(flips[0])
         pixels = cut_view(img, box, flip, self.img_size, interpolation=self.interpolation)
         out = {"image": self.transform(pixels), "label": torch.tensor(sample["label"], dtype=torch.long)}

@@ -1,0 +1,135 @@
+"""The fidelity table: does replaying stored views come within noise of the live teacher?
+
+On digits (1,200 training / 597 held-out images, 32 px), the same student and schedule, several
+seeds each, held-out top-1 (mean ± standard deviation) of:
+    no distillation;
+    hard / soft distillation from the global label only (fixed teacher, fresh crops);
+    hard / soft distillation from stored views, replayed;
+    hard / soft distillation from the teacher run live on the student's batch.
+Also the low-noise measure of the mechanism: how often the label the student trains with agrees
+with the live teacher on the pixels the student sees (global labels under fresh crops vs stored
+views replayed).
+
+The students train in-process with the library's loader, loss and loop (the same pieces
+train-student runs inside Ray Train), so the table measures learning, not orchestration.
+
+Run: python bench/fidelity.py [--seeds 0 1 2] [--epochs 25] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from deitpipe.pipeline.config import LabelConfig
+from deitpipe.pipeline.demo import DemoConfig, _teacher, student_config
+from deitpipe.pipeline.label import label_teacher
+from deitpipe.pipeline.train import online_teacher_fn
+from deitpipe.shards.reader import expand_urls
+from deitpipe.shards.sources import digits_image_folder
+from deitpipe.student import (DistillationLoss, build_optimizer, build_scheduler, create_student, evaluate,
+                              scaled_lr, train_one_epoch)
+from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items, steps_per_epoch
+
+ROWS = [("no distillation", "none", None, False), ("fixed teacher, hard", "hard", "global", False),
+        ("fixed teacher, soft", "soft", "global", False), ("stored views, hard", "hard", "views", False),
+        ("stored views, soft", "soft", "views", False), ("live teacher, hard", "hard", None, True),
+        ("live teacher, soft", "soft", None, True)]
+
+
+def train_one(cfg, *, urls, views, samples, val, online) -> float:
+    """Train one student as train-student would (single worker); returns held-out top-1 (avg head)."""
+    torch.manual_seed(cfg.seed)
+    model = create_student(cfg.model, num_classes=10, **cfg.model_overrides())
+    steps = steps_per_epoch(samples, batch_size=cfg.batch_size, world_size=1)
+    opt = build_optimizer(model, lr=scaled_lr(cfg.lr, cfg.batch_size), weight_decay=cfg.weight_decay)
+    sched = build_scheduler(opt, epochs=cfg.epochs, steps_per_epoch=steps, warmup_epochs=cfg.warmup_epochs,
+                            min_lr=cfg.min_lr)
+    loss = DistillationLoss(distillation=cfg.distillation, alpha=cfg.alpha, tau=cfg.tau,
+                            label_smoothing=cfg.label_smoothing)
+    mode = "none" if online or cfg.distillation == "none" else cfg.teacher_labels
+    for epoch in range(cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 64)
+        ds = ShardReplay(urls=urls, num_classes=10, num_views=views, teacher_labels=mode, img_size=cfg.img_size,
+                         batch_size=cfg.batch_size, steps=steps, seed=cfg.seed, min_scale=cfg.min_scale,
+                         augment=Augment(rand_augment=None, random_erasing=0.0))
+        ds.set_epoch(epoch)
+        train_one_epoch(model, loss, DataLoader(ds, batch_size=cfg.batch_size), opt, device="cpu", scheduler=sched,
+                        online_teacher=online)
+    return evaluate(model, val, device="cpu", num_classes=10)["top1_avg"]
+
+
+def label_agreement(*, urls, views, teacher, mode, min_scale, epochs=3) -> float:
+    """Percent of training labels that equal the live teacher's argmax on the same crop."""
+    agree = total = 0
+    for epoch in range(epochs):
+        ds = ShardReplay(urls=urls, num_classes=10, num_views=views, teacher_labels=mode, img_size=32,
+                         batch_size=100, steps=12, min_scale=min_scale,
+                         augment=Augment(rand_augment=None, random_erasing=0.0))
+        ds.set_epoch(epoch)
+        for batch in DataLoader(ds, batch_size=100):
+            agree += int((teacher(batch["image"]).argmax(1) == batch["teacher_hard"]).sum())
+            total += len(batch["label"])
+    return 100.0 * agree / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="fidelity-out")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--teacher-epochs", type=int, default=10)
+    parser.add_argument("--rows", nargs="+", default=None, help="subset of row names")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.epochs, args.teacher_epochs = [0], 1, 1
+    torch.set_num_threads(torch.get_num_threads())
+    demo = DemoConfig(out=args.out, teacher_epochs=args.teacher_epochs, student_epochs=args.epochs, progress=False)
+    out = Path(args.out)
+    data = digits_image_folder(out / "data", image_size=32, seed=0)
+    teacher = _teacher(demo, data / "train", data / "val", out / "teacher" / "teacher.pt")
+    label_teacher(LabelConfig(data=str(data / "train"), out=str(out / "shards"), teacher=demo.teacher,
+                              teacher_weights=teacher["weights"], views=demo.views, min_scale=demo.min_scale,
+                              shard_size=300, device="cpu", progress=False))
+    urls = expand_urls(str(out / "shards"))
+    items, _ = eval_items(str(data / "val"))
+    val = DataLoader(EvalImages(items, img_size=32, crop_pct=1.0), batch_size=256)
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "teacher": demo.teacher,
+                      "teacher_top1": round(100 * teacher["val_top1"], 2), "epochs": args.epochs,
+                      "seeds": args.seeds, "views": demo.views, "min_scale": demo.min_scale}), flush=True)
+    base = student_config(demo, shards=out / "shards", out=out / "unused", val=data / "val", distillation="hard")
+    live_cfg = replace(base, online_teacher=demo.teacher, teacher_weights=teacher["weights"])
+    live = online_teacher_fn(live_cfg, 10, torch.device("cpu"))
+    for mode in ("global", "views"):
+        pct = label_agreement(urls=urls, views=demo.views, teacher=live, mode=mode, min_scale=demo.min_scale)
+        print(json.dumps({"measure": "training label == live teacher on the same crop", "labels": mode,
+                          "agree_pct": round(pct, 2)}), flush=True)
+    table = {}
+    for name, distillation, labels, online in ROWS:
+        if args.rows and name not in args.rows:
+            continue
+        scores = []
+        for seed in args.seeds:
+            cfg = replace(base, distillation=distillation, teacher_labels=labels if distillation != "none" else None,
+                          seed=seed)
+            start = time.perf_counter()
+            scores.append(train_one(cfg, urls=urls, views=demo.views, samples=1200, val=val,
+                                    online=live if online else None))
+            print(json.dumps({"row": name, "seed": seed, "top1": round(scores[-1], 2),
+                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+        sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        table[name] = {"scores": scores, "mean": statistics.mean(scores), "sd": sd}
+        print(json.dumps({"row": name, "mean": round(table[name]["mean"], 2), "sd": round(sd, 2)}), flush=True)
+    (out / "fidelity.json").write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
