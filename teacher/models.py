@@ -8,7 +8,6 @@ what was loaded (for manifests) and how its input must be prepared.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
+from deitpipe.shards.manifest import file_sha256
 from deitpipe.teacher.preprocess import (
     Preprocessing,
     check_teacher_name,
@@ -67,15 +67,6 @@ class TeacherInfo:
         data["preprocessing"] = self.preprocessing.to_dict()
         data["class_names"] = list(self.class_names) if self.class_names is not None else None
         return data
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def hub_cache_file(weights: torchvision.models.WeightsEnum) -> Path:
