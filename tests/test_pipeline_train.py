@@ -107,3 +107,13 @@ def test_manifest_checks_are_one_line(tmp_path):
         from deitpipe.pipeline.train import teacher_labels_mode
 
         teacher_labels_mode(replace(_config(shards, tmp_path / "x"), teacher_labels="views"), 0)
+
+
+def test_two_ddp_workers_take_equal_steps_over_the_data(tmp_path):
+    shards = _shards(tmp_path, n=40)
+    out = tmp_path / "ddp"
+    result = train_student(_config(shards, out, epochs=2, batch_size=4, num_workers=2))
+    metrics = _metrics(out)
+    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert all(m["steps"] == 5 for m in metrics)  # 40 samples / (batch 4 x 2 ranks)
+    assert result["last"]["step"] == 10
