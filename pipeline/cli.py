@@ -214,7 +214,7 @@ def train_teacher_cmd(no_progress: bool, **options) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of split, teacher, views and students.")
 @click.option("--teacher", default="resnet18", show_default=True, help="torchvision model trained as the teacher.")
 @click.option("--teacher-epochs", type=int, default=10, show_default=True, help="Teacher epochs.")
-@click.option("--student-epochs", type=int, default=22, show_default=True, help="Epochs of each student.")
+@click.option("--student-epochs", type=int, default=20, show_default=True, help="Epochs of each student.")
 @click.option("--views", type=int, default=16, show_default=True, help="Stored views per image.")
 @click.option("--min-scale", type=float, default=0.35, show_default=True, help="Smallest view area (fraction).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

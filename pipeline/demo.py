@@ -48,7 +48,7 @@ class DemoConfig:
     image_size: int = 32
     teacher: str = "resnet18"
     teacher_epochs: int = 10
-    student_epochs: int = 22
+    student_epochs: int = 20
     views: int = 16
     min_scale: float = 0.35
     progress: bool = True
