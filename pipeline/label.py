@@ -9,7 +9,6 @@ unit of planning and of resume: complete shards are skipped on a rerun.
 
 from __future__ import annotations
 
-import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -30,14 +29,13 @@ from deitpipe.shards.image import (
     sniff_image_type,
     storable_image,
 )
-from deitpipe.shards.manifest import file_sha256, read_manifest, write_manifest
+from deitpipe.shards.manifest import read_manifest, write_manifest
 from deitpipe.shards.plan import assign_shards
 from deitpipe.shards.sources import Candidate, Source, read_bytes, resolve_source
 from deitpipe.shards.views import global_box, random_view_boxes
 from deitpipe.shards.writer import ShardFileWriter, encode_sample
 from deitpipe.teacher import Preprocessing, TeacherInfo, TeacherPredictor, build_teacher
 
-log = logging.getLogger(__name__)
 
 _OUTPUT_MEMBERS = ("hard", "topk", "prob", "rest", "softmax")
 

@@ -30,6 +30,9 @@ from deitpipe.teacher.preprocess import (
 from deitpipe.teacher.train import TeacherTrainConfig, evaluate_teacher, train_teacher
 
 __all__ = [
+    "TeacherTrainConfig",
+    "evaluate_teacher",
+    "train_teacher",
     "Preprocessing",
     "TeacherInfo",
     "TeacherOutputs",
