@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 
 import ray
 
-log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
