@@ -81,6 +81,14 @@ def test_outputs_load_in_timm_and_evaluate(tmp_path):
     metrics = evaluate_student(checkpoint=str(out), data=str(shards))
     assert metrics["n"] == 40 and "agree_teacher_dist" in metrics
     assert metrics["top1_avg"] == pytest.approx(result["last"]["val_top1_avg"])
+    from deitpipe.pipeline.analyze import analyze_student
+
+    report = analyze_student(run=str(out), data=str(shards), out=str(tmp_path / "analysis"))
+    assert len(report["token_similarity"]) == 2 + 1  # input + each of the 2 blocks
+    assert all(-1 <= v <= 1 for v in report["token_similarity"])
+    assert report["heads"]["agree_teacher_avg"] == pytest.approx(metrics["agree_teacher_avg"])
+    assert report["curves"]["epoch"] == [0]
+    assert json.loads((tmp_path / "analysis" / "analysis.json").read_text())["images"] == 40
 
 
 def test_a_different_run_into_the_same_out_refuses(tmp_path):
