@@ -172,3 +172,11 @@ class StepClock:
         if len(self.times) <= skip or skip < 1:
             raise ValueError(f"need more than {skip} steps to skip {skip}, got {len(self.times)}")
         return (self.images[-1] - self.images[skip - 1]) / (self.times[-1] - self.times[skip - 1])
+
+    def median_rate(self, skip: int) -> float:
+        """Images/s of the median step after the first ``skip``: robust to a few slow steps."""
+        if len(self.times) <= skip or skip < 1:
+            raise ValueError(f"need more than {skip} steps to skip {skip}, got {len(self.times)}")
+        seconds = np.diff(self.times[skip - 1:])
+        images = np.diff(self.images[skip - 1:])
+        return float(np.median(images) / np.median(seconds))

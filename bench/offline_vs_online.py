@@ -10,7 +10,8 @@ and for reference the same model in channels-last layout, which the offline labe
 one student training step (``t_student``). The ideal speed-up of offline training is
 ``1 + t_teacher / t_student``; the measured one is offline images/s / online images/s, and
 measured / ideal (goal >= 0.9) says how much of the saving survives the rest of the loop
-(data loading, mixup, the optimizer). Images/s are steady rates, after ``--warmup`` steps.
+(data loading, mixup, the optimizer). Images/s and times are medians of the steps after
+``--warmup``, so that a busy moment on a shared machine moves one step, not the figure.
 
 Teacher and student are random-init (timing only); the shards hold generated photo-like JPEGs
 with random teacher outputs, in the label-teacher format.
@@ -54,12 +55,15 @@ def loader(urls: list[str], args: argparse.Namespace, *, labels: str, img_size: 
 
 
 def seconds_per_call(fn, *, warmup: int, iters: int) -> float:
+    """Median seconds of one call: a busy moment on a shared machine moves one call, not the figure."""
     for _ in range(warmup):
         fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(iters):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / iters
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def main() -> None:
@@ -70,7 +74,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--iters", type=int, default=5, help="calls timed for t_teacher and t_student")
+    parser.add_argument("--iters", type=int, default=10, help="calls timed for t_teacher and t_student")
     parser.add_argument("--distillation", default="hard", choices=["hard", "soft"])
     parser.add_argument("--images", type=int, default=64, help="generated images in the shards")
     parser.add_argument("--image-size", type=int, default=256, help="short side of the generated images")
@@ -121,8 +125,9 @@ def main() -> None:
             stats = train_one_epoch(model, loss_fn, data, optimizer, device=device, mixup=mixup(),
                                     online_teacher=teach if mode == "online" else None,
                                     max_steps=args.warmup + args.steps, progress=clock)
-            rates[mode] = clock.steady(args.warmup)
-            emit({"mode": mode, "img_s": rates[mode], "img_s_with_first_steps": stats["images_per_s"],
+            rates[mode] = clock.median_rate(args.warmup)
+            emit({"mode": mode, "img_s": rates[mode], "img_s_mean": clock.steady(args.warmup),
+                  "img_s_with_first_steps": stats["images_per_s"],
                   "steps": int(stats["steps"])})
 
         # The parts alone, on one fixed batch.
@@ -137,7 +142,7 @@ def main() -> None:
         clock = StepClock(device)
         train_one_epoch(model, loss_fn, [batch] * (1 + args.iters), optimizer, device=device, mixup=mixup(),
                         progress=clock)
-        t_student = (clock.times[-1] - clock.times[0]) / args.iters
+        t_student = args.batch_size / clock.median_rate(1)
         ideal = 1 + t_teacher / t_student
         measured = rates["offline"] / rates["online"]
         emit({"t_teacher_s": t_teacher, "t_teacher_channels_last_s": t_teacher_cl, "t_student_s": t_student,
