@@ -113,7 +113,10 @@ def _model_options(f):
               help="views: replay stored views (default when the shards have them); global: fresh crops with the global label (fixed teacher).")
 @click.option("--min-scale", type=float, default=0.08, show_default=True,
               help="Smallest area of fresh random crops (--teacher-labels global, --distillation none).")
-@click.option("--rand-augment", type=int, default=9, show_default=True, help="RandAugment magnitude; -1 switches it off.")
+@click.option("--rand-augment", type=float, default=9, show_default=True,
+              help="RandAugment level 0..10 on timm's scale (DeiT's rand-m9); -1 switches it off.")
+@click.option("--rand-augment-std", type=float, default=0.5, show_default=True,
+              help="Noise of the RandAugment level per op (timm's mstd; DeiT 0.5).")
 @click.option("--random-erasing", type=float, default=0.25, show_default=True, help="Random erasing probability.")
 @click.option("--mixup", type=float, default=0.8, show_default=True, help="Mixup alpha; 0 off.")
 @click.option("--cutmix", type=float, default=1.0, show_default=True, help="CutMix alpha; 0 off.")
@@ -134,7 +137,7 @@ def _model_options(f):
 @click.option("--finetune", default=None, help="Start from this checkpoint (e.g. 224 weights with --img-size 384).")
 @click.option("--stop-after-steps", type=int, default=None, help="Stop after this many steps in total (a later run resumes).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_student_cmd(no_progress: bool, rand_augment: int, **options) -> None:
+def train_student_cmd(no_progress: bool, rand_augment: float, **options) -> None:
     """Stage two: train a DeiT student from the shards, with no teacher in the loop."""
     from deitpipe.pipeline.config import TrainConfig
     from deitpipe.pipeline.train import train_student

@@ -103,7 +103,8 @@ class TrainConfig:
             views when the shards have them, else global.
         min_scale: smallest area of the fresh random crops ("global" labels, no distillation).
         rand_augment, random_erasing, mixup, cutmix, mixup_switch, label_smoothing: the DeiT
-            recipe's augmentations; 0 or None switches one off.
+            recipe's augmentations; 0 or None switches one off (rand_augment is a level 0..10 on
+            timm's scale, None for off; rand_augment_std its noise per op, timm's mstd).
         online_teacher, teacher_weights: run this torchvision teacher live on the student's
             batch instead of reading stored labels (the paper's original method).
         num_workers, use_gpu, cpus_per_worker, loader_workers, ray_address: where it runs.
@@ -139,7 +140,8 @@ class TrainConfig:
     tau: float = 1.0
     teacher_labels: str | None = None
     min_scale: float = 0.08
-    rand_augment: int | None = 9
+    rand_augment: float | None = 9
+    rand_augment_std: float = 0.5
     random_erasing: float = 0.25
     mixup: float = 0.8
     cutmix: float = 1.0
@@ -183,7 +185,10 @@ class TrainConfig:
             raise ValueError("--online-teacher needs --distillation soft or hard")
         if self.teacher_weights and not self.online_teacher:
             raise ValueError("--teacher-weights goes with --online-teacher NAME")
+        if self.rand_augment is not None and not 0 <= self.rand_augment <= 10:
+            raise ValueError(f"--rand-augment must be a level in [0, 10] (DeiT: 9), or -1 for off; got {self.rand_augment}")
         for option, value in (("--mixup", self.mixup), ("--cutmix", self.cutmix),
+                              ("--rand-augment-std", self.rand_augment_std),
                               ("--random-erasing", self.random_erasing),
                               ("--label-smoothing", self.label_smoothing)):
             if value < 0:

@@ -271,7 +271,8 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def _train_loader(cfg, info, mode, *, img_size, epoch, rank, world, steps, device) -> DataLoader:
-    augment = Augment(rand_augment=cfg.rand_augment, random_erasing=cfg.random_erasing)
+    augment = Augment(rand_augment=cfg.rand_augment, rand_augment_std=cfg.rand_augment_std,
+                      random_erasing=cfg.random_erasing)
     dataset = ShardReplay(urls=info["urls"], num_classes=info["num_classes"], num_views=info["views"],
                           teacher_labels=mode, img_size=img_size, batch_size=cfg.batch_size, steps=steps,
                           seed=cfg.seed, rank=rank, world_size=world, augment=augment, min_scale=cfg.min_scale)

@@ -36,18 +36,63 @@ TEACHER_LABELS = ("views", "global", "none")
 _FRESH_CROP_TAG = 0x5EED  # separates fresh-crop draws from the stored views' seeds
 
 
+class RandAugment(v2.RandAugment):
+    """torchvision's RandAugment on timm's magnitude scale, with timm's magnitude noise.
+
+    timm, and so DeiT's ``rand-m9-mstd0.5``, measures magnitude in levels 0..10 of each op's
+    range and applies each chosen op with probability 0.5. torchvision indexes ``magnitude`` into
+    31 bins, so its ``magnitude=9`` is 30% of the range where DeiT's is 90%. Here each op draws
+    its level from N(magnitude, magnitude_std), clipped to [0, 10], and is applied with
+    probability ``p``. The ops are torchvision's (it has Identity and lacks timm's Invert and
+    SolarizeAdd).
+
+    Args:
+        num_ops: ops drawn per image (2 in DeiT).
+        magnitude: level 0..10 (9 in DeiT).
+        magnitude_std: standard deviation of the level per op (0.5 in DeiT; 0 for a fixed level).
+        p: probability that a drawn op is applied (0.5 in timm).
+        interpolation, fill: as in torchvision's RandAugment.
+    """
+
+    LEVELS = 10
+    _STEPS_PER_LEVEL = 10  # levels are used to 0.1
+
+    def __init__(self, *, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5,
+                 p: float = 0.5, interpolation: str = "bilinear", fill: object = None) -> None:
+        if not 0 <= magnitude <= self.LEVELS:
+            raise ValueError(f"--rand-augment magnitude must be in [0, {self.LEVELS}], got {magnitude}")
+        if magnitude_std < 0 or not 0 <= p <= 1:
+            raise ValueError(f"RandAugment needs magnitude_std >= 0 and p in [0, 1], got {magnitude_std}, {p}")
+        super().__init__(num_ops=1, magnitude=0, num_magnitude_bins=self.LEVELS * self._STEPS_PER_LEVEL + 1,
+                         interpolation=interpolation, fill=fill)
+        self.ops, self.level, self.level_std, self.p = num_ops, float(magnitude), float(magnitude_std), float(p)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.ops):
+            if float(torch.rand(())) >= self.p:
+                continue
+            level = self.level
+            if self.level_std > 0:
+                level = float(torch.normal(self.level, self.level_std, size=()))
+            self.magnitude = round(min(max(level, 0.0), self.LEVELS) * self._STEPS_PER_LEVEL)  # bin index
+            image = super().forward(image)
+        return image
+
+
 @dataclass(frozen=True)
 class Augment:
     """The DeiT recipe's per-image augmentations after the view is cut.
 
     Args:
-        rand_augment: RandAugment magnitude (9 in DeiT's rand-m9-mstd0.5; torchvision's
-            RandAugment has no magnitude noise), or None for off.
+        rand_augment: RandAugment level 0..10 on timm's scale (9 in DeiT's rand-m9-mstd0.5), or
+            None for off.
+        rand_augment_std: the level's noise per op (0.5 in DeiT).
         random_erasing: probability of random erasing (0.25 in DeiT), 0 for off.
         mean, std: normalisation.
     """
 
-    rand_augment: int | None = 9
+    rand_augment: float | None = 9
+    rand_augment_std: float = 0.5
     random_erasing: float = 0.25
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -55,7 +100,8 @@ class Augment:
     def build(self) -> v2.Compose:
         ops: list = []
         if self.rand_augment is not None:
-            ops.append(v2.RandAugment(num_ops=2, magnitude=self.rand_augment))
+            fill = [round(255 * m) for m in self.mean]  # timm fills with the mean colour
+            ops.append(RandAugment(magnitude=self.rand_augment, magnitude_std=self.rand_augment_std, fill=fill))
         ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         if self.random_erasing > 0:
             ops.append(v2.RandomErasing(p=self.random_erasing, value="random"))

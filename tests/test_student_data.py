@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from conftest import write_shard_set
 from deitpipe.shards.image import cut_view, decode_image
 from deitpipe.shards.reader import expand_urls, iter_samples
 from deitpipe.shards.views import epoch_view_index
-from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items, steps_per_epoch
+from deitpipe.student.data import Augment, EvalImages, RandAugment, ShardReplay, eval_items, steps_per_epoch
 
 PLAIN = Augment(rand_augment=None, random_erasing=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -115,3 +116,54 @@ def test_eval_items_from_shards_carry_the_teacher_global_label(shards):
     x = ds[0]
     assert x["image"].shape == (3, 16, 16) and int(x["teacher_hard"]) == items[0][2]
     assert np.isfinite(x["image"].numpy()).all()
+
+
+class _RotateOnly(RandAugment):
+    """RandAugment over Rotate alone, recording the angle of every applied op."""
+
+    _AUGMENTATION_SPACE = {"Rotate": RandAugment._AUGMENTATION_SPACE["Rotate"]}
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.angles = []
+
+    def _apply_image_or_video_transform(self, image, transform_id, magnitude, **kw):
+        self.angles.append(magnitude)
+        return super()._apply_image_or_video_transform(image, transform_id, magnitude, **kw)
+
+
+def test_rand_augment_level_is_on_timms_scale():
+    # timm's rand-m9 rotates by 0.9 of its 30 degree range; torchvision's magnitude=9 by 9 degrees.
+    img = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    ra = _RotateOnly(magnitude=9, magnitude_std=0, p=1.0, fill=0)
+    torch.manual_seed(0)
+    out = ra(img)
+    assert len(ra.angles) == 2 and all(abs(a) == pytest.approx(27.0) for a in ra.angles)
+    from torchvision.transforms.v2 import functional as F
+
+    want = img
+    for a in ra.angles:
+        want = F.rotate(want, a, interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+    torch.testing.assert_close(out, want)
+
+
+def test_rand_augment_level_noise_and_op_probability():
+    img = torch.zeros((3, 8, 8), dtype=torch.uint8)
+    ra = _RotateOnly(magnitude=9, magnitude_std=0.5, p=0.5)
+    torch.manual_seed(1)
+    for _ in range(2000):
+        ra(img)
+    levels = np.abs(ra.angles) / 3.0  # 30 degrees = level 10
+    assert len(levels) / 4000 == pytest.approx(0.5, abs=0.03)  # each of 2 ops applied with p=0.5
+    assert levels.mean() == pytest.approx(9.0, abs=0.05)
+    assert levels.std() == pytest.approx(0.49, abs=0.04)  # N(9, 0.5) clipped at 10: sd 0.49
+    assert levels.max() <= 10.0
+
+
+def test_rand_augment_options_reach_the_transform():
+    ops = Augment(rand_augment=7, rand_augment_std=0.0).build().transforms
+    ra = next(op for op in ops if isinstance(op, RandAugment))
+    assert (ra.level, ra.level_std, ra.ops) == (7.0, 0.0, 2)
+    assert not any(isinstance(op, RandAugment) for op in Augment(rand_augment=None).build().transforms)
+    with pytest.raises(ValueError, match="rand-augment"):
+        RandAugment(magnitude=11)
