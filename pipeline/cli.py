@@ -101,7 +101,8 @@ def _model_options(f):
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size per worker.")
 @click.option("--lr", type=float, default=5e-4, show_default=True, help="Learning rate for a global batch of 512 (scaled linearly).")
 @click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not on norms, biases, tokens, position embedding).")
-@click.option("--warmup-epochs", type=float, default=5.0, show_default=True, help="Linear warmup epochs before the cosine schedule.")
+@click.option("--warmup-epochs", type=float, default=None,
+              help="Linear warmup epochs before the cosine schedule (default: 5, or a tenth of --epochs when less).")
 @click.option("--min-lr", type=float, default=1e-5, show_default=True, help="Final learning rate of the cosine.")
 @click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
 @click.option("--ema-decay", type=float, default=None, help="Keep an EMA of the weights with this decay (e.g. 0.99996); student.pt is then the EMA.")

@@ -97,7 +97,8 @@ class TrainConfig:
         model: a named DeiT variant; the overrides below reshape it for small images.
         img_size, patch_size, embed_dim, depth, num_heads, drop_path: model overrides.
         epochs, batch_size (per worker), lr (for a global batch of 512), weight_decay,
-        warmup_epochs, min_lr, grad_clip, ema_decay: the optimisation recipe.
+        warmup_epochs, min_lr, grad_clip, ema_decay: the optimisation recipe (warmup_epochs
+            None: DeiT's 5, or a tenth of --epochs when that is less).
         distillation, alpha, tau: the loss ("none", "soft" or "hard").
         teacher_labels: "views" (replay stored views), "global" (fixed teacher), or None for
             views when the shards have them, else global.
@@ -131,7 +132,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05
-    warmup_epochs: float = 5.0
+    warmup_epochs: float | None = None
     min_lr: float = 1e-5
     grad_clip: float | None = None
     ema_decay: float | None = None
@@ -171,6 +172,8 @@ class TrainConfig:
                 raise ValueError(f"{option} must be >= {low}, got {value}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if self.warmup_epochs is None:  # DeiT's 5, or a tenth of a shorter run
+            object.__setattr__(self, "warmup_epochs", min(5.0, self.epochs / 10))
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ValueError(f"--warmup-epochs must be in [0, --epochs={self.epochs}], got {self.warmup_epochs}")
         if not 0 <= self.alpha <= 1:

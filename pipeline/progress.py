@@ -1,7 +1,7 @@
 """Progress for long stages: a tqdm bar on a terminal, periodic status lines elsewhere.
 
-Lines, not a bar, where stderr is no terminal: in a log file, or inside a Ray Train worker whose
-output Ray forwards to the driver line by line.
+Lines, not a bar, where stderr is no terminal, as in a log file. Ray Train workers post their
+progress to the driver (``pipeline.train.follow``), which shows it here.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Progress:
                  every_s: float = 15.0) -> None:
         self.start = self.last = time.perf_counter()
         self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
-        self.done, self.postfix, self.enabled = 0, "", enabled
+        self.done, self.skipped, self.postfix, self.enabled = 0, 0, "", enabled
         self.bar = None
         if enabled and sys.stderr.isatty():
             self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
@@ -48,8 +48,21 @@ class Progress:
         elif self.enabled and time.perf_counter() - self.last >= self.every_s:
             self._line()
 
+    def begin(self, done_before: int = 0) -> None:
+        """Start the clock now (after a slow start-up), with ``done_before`` units already done by
+        an earlier session (a resume): shown, but not counted in the rate."""
+        self.start = self.last = time.perf_counter()
+        self.done += done_before
+        self.skipped += done_before
+        if self.bar is not None:
+            self.bar.n += done_before
+            self.bar.initial += done_before
+            self.bar.last_print_n += done_before
+            self.bar.start_t = self.bar.last_print_t = time.time()  # tqdm's clock
+            self.bar.refresh()
+
     def rate(self) -> float:
-        return self.done / max(time.perf_counter() - self.start, 1e-9)
+        return (self.done - self.skipped) / max(time.perf_counter() - self.start, 1e-9)
 
     def _line(self) -> None:
         self.last = time.perf_counter()

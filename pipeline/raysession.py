@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import ray
 
 
-
 @contextlib.contextmanager
 def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator[None]:
     """Use the running Ray, join ``address`` ("auto" or host:port), or start a local Ray.
@@ -23,8 +22,9 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     if ray.is_initialized():
         yield
         return
-    # Worker output reaches the driver: train-student shows its progress through it.
-    kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    # Worker output stays in Ray's session logs (/tmp/ray/session_latest/logs): Ray Train's
+    # controller and workers are chatty, and progress and errors reach the driver by other paths.
+    kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     if address:
         ray.init(address=address, **kwargs)
     else:

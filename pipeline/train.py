@@ -106,20 +106,79 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     with ray_session(config.ray_address):
         if cpus is None:
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
+        board = progress_board()
         trainer = TorchTrainer(
-            worker_loop, train_loop_config={**loop_config, "cpus": cpus},
+            worker_loop, train_loop_config={**loop_config, "cpus": cpus, "board": board},
             scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
             run_config=ray.train.RunConfig(name="ray", storage_path=str(out),
                                            failure_config=ray.train.FailureConfig(max_failures=2)),
         )
         try:
-            trainer.fit()
+            follow(trainer.fit, board, Progress(config.epochs * info_steps(info, config), desc="train-student",
+                                                unit="step", enabled=config.progress))
         except Exception as exc:  # a worker's error arrives wrapped; surface its last line
             raise TrainError(f"training failed on a worker: {_last_error_line(str(exc))}") from exc
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     return {"out": str(out), "student": str(out / "student.pt"), "epochs_done": len(metrics),
             "last": metrics[-1] if metrics else {}}
+
+
+def info_steps(info: dict[str, Any], config: TrainConfig) -> int:
+    """Optimizer steps per epoch of this run."""
+    return steps_per_epoch(info["samples"], batch_size=config.batch_size, world_size=config.num_workers)
+
+
+def progress_board():
+    """A small actor that rank 0 posts its progress to and the driver reads: worker output stays
+    in Ray's logs, and the driver shows one bar, on any node layout."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        def __init__(self) -> None:
+            self.state: tuple[int, int, dict] = (0, 0, {})
+
+        def post(self, start: int, step: int, info: dict) -> None:
+            self.state = (start, step, info)
+
+        def read(self) -> tuple[int, int, dict]:
+            return self.state
+
+    return ProgressBoard.remote()
+
+
+def follow(fit: Callable[[], Any], board, bar: Progress, *, every_s: float = 0.5) -> None:
+    """Run ``fit`` in a thread and move ``bar`` as the board says; re-raise what ``fit`` raised."""
+    import threading
+
+    import ray
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="train-student-fit", daemon=True)
+    thread.start()
+    shown, started = 0, False
+    while True:
+        thread.join(timeout=every_s)
+        start, step, info = ray.get(board.read.remote())
+        if not started and step > 0:
+            bar.begin(start)  # the clock starts at the first step; steps before a resume are not this run's rate
+            shown, started = start, True
+        if step > shown:
+            bar.update(step - shown, **info)
+            shown = step
+        if not thread.is_alive():
+            break
+    bar.close()
+    if failure:
+        raise failure[0]
 
 
 def _last_error_line(text: str) -> str:
@@ -187,8 +246,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     teacher = online_teacher_fn(cfg, info["num_classes"], device) if cfg.online_teacher else None
     val = _val_loader(cfg, model.config.img_size) if cfg.val and rank == 0 else None
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    bar = Progress(cfg.epochs * steps, desc="train-student", unit="step", enabled=cfg.progress and rank == 0)
-    bar.update(step)
+    post = _poster(loop_config.get("board") if rank == 0 else None, start=step)
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch * 64 + rank)  # per-epoch: a resume replays it exactly
         loader = _train_loader(cfg, info, mode, img_size=model.config.img_size, epoch=epoch, rank=rank,
@@ -201,9 +259,10 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             ddp, loss_fn, loader, optimizer, device=device, scheduler=scheduler, ema=ema,
             grad_clip=cfg.grad_clip, autocast_dtype=autocast, online_teacher=teacher,
             mixup=_mixup(cfg, info["num_classes"], epoch, rank), max_steps=budget,
-            progress=lambda i, _: bar.update(1, epoch=f"{epoch + 1}/{cfg.epochs}"))
+            progress=lambda i, parts, e=epoch, s=step: post(s + i, parts, epoch=f"{e + 1}/{cfg.epochs}"))
         step += int(stats["steps"])
         if stats["steps"] < steps:
+            post(step, {}, epoch=f"{epoch + 1}/{cfg.epochs}", force=True)
             break  # stopped mid-epoch (as if killed): no checkpoint for a partial epoch
         metrics = {"epoch": epoch, "step": step, "seconds": round(time.perf_counter() - start, 2),
                    **{k: float(v) for k, v in stats.items()}}
@@ -214,7 +273,25 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 metrics["val_ema_top1_avg"] = evaluate(ema.module, val, device=device,
                                                        num_classes=info["num_classes"]).get("top1_avg")
         _report(rank, out, cfg, metrics, model, optimizer, scheduler, ema, epoch, step)
-    bar.close()
+        post(step, {"loss": metrics["loss"]}, epoch=f"{epoch + 1}/{cfg.epochs}", force=True)
+
+
+def _poster(board, *, start: int, every_s: float = 0.5) -> Callable[..., None]:
+    """Rank 0's progress to the driver's board, at most every ``every_s`` (a read of the loss
+    waits for the device)."""
+    last = [0.0]
+
+    def post(step: int, parts: dict, *, epoch: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if board is None or (not force and now - last[0] < every_s):
+            return
+        last[0] = now
+        info = {"epoch": epoch}
+        if "loss" in parts:
+            info["loss"] = f"{float(parts['loss']):.4f}"
+        board.post.remote(start, step, info)
+
+    return post
 
 
 def _heads_differ(model: torch.nn.Module, path: str) -> bool:

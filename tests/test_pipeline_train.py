@@ -125,3 +125,48 @@ def test_two_ddp_workers_take_equal_steps_over_the_data(tmp_path):
     assert [m["epoch"] for m in metrics] == [0, 1]
     assert all(m["steps"] == 5 for m in metrics)  # 40 samples / (batch 4 x 2 ranks)
     assert result["last"]["step"] == 10
+
+
+class _Recorder:
+    def __init__(self):
+        self.began, self.updates, self.closed = None, [], False
+
+    def begin(self, done_before=0):
+        self.began = done_before
+
+    def update(self, n, **info):
+        self.updates.append((n, info))
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_driver_follows_rank_zeros_progress_from_a_resumed_step():
+    import time
+
+    from deitpipe.pipeline.train import follow, progress_board
+
+    board = progress_board()
+
+    def fit():  # as rank 0 of a run resumed at step 10 posts it
+        for step in (11, 15, 20):
+            ray.get(board.post.remote(10, step, {"epoch": "2/2"}))
+            time.sleep(0.1)
+
+    bar = _Recorder()
+    follow(fit, board, bar, every_s=0.02)
+    assert bar.began == 10 and bar.closed
+    assert sum(n for n, _ in bar.updates) == 10  # steps 11..20 of this run, none counted twice
+    assert bar.updates[-1][1] == {"epoch": "2/2"}
+
+
+def test_a_failure_in_fit_reaches_the_caller():
+    from deitpipe.pipeline.train import follow, progress_board
+
+    def fit():
+        raise RuntimeError("worker died")
+
+    bar = _Recorder()
+    with pytest.raises(RuntimeError, match="worker died"):
+        follow(fit, progress_board(), bar, every_s=0.01)
+    assert bar.closed

@@ -1,0 +1,27 @@
+"""TrainConfig: defaults that fit short runs, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from deitpipe.pipeline.config import TrainConfig
+
+
+@pytest.mark.parametrize(("epochs", "warmup"), [(300, 5.0), (50, 5.0), (20, 2.0), (3, 0.3)])
+def test_default_warmup_is_deits_five_or_a_tenth_of_a_short_run(epochs, warmup):
+    assert TrainConfig(epochs=epochs).warmup_epochs == pytest.approx(warmup)
+
+
+def test_an_explicit_warmup_is_kept_and_checked():
+    assert TrainConfig(epochs=3, warmup_epochs=1).warmup_epochs == 1
+    with pytest.raises(ValueError, match=r"--warmup-epochs must be in \[0, --epochs=3\]"):
+        TrainConfig(epochs=3, warmup_epochs=5)
+
+
+@pytest.mark.parametrize(("kw", "option"), [(dict(rand_augment=11), "--rand-augment"),
+                                            (dict(rand_augment_std=-1), "--rand-augment-std"),
+                                            (dict(alpha=1.5), "--alpha")])
+def test_out_of_range_values_name_their_option(kw, option):
+    with pytest.raises(ValueError, match=option) as err:
+        TrainConfig(**kw)
+    assert "\n" not in str(err.value)
