@@ -65,6 +65,50 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_run_whose_processes_are_all_killed_resumes_to_the_same_result(tmp_path):
+    """SIGKILL the whole train-student process group (driver, its Ray, the workers) mid-run, as
+    when a node dies, then rerun the same command: the result equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shards = _shards(tmp_path, n=400)  # 50 steps per epoch
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    config = _config(shards, full)
+    train_student(config)
+    args = [sys.executable, "-m", "deitpipe.pipeline.cli", "train-student", "--shards", str(shards),
+            "--out", str(cut), "--epochs", "3", "--batch-size", "8", "--warmup-epochs", "1", "--lr", "5e-3",
+            "--cpus-per-worker", "1", "--no-progress", "--img-size", "16", "--patch-size", "4",
+            "--embed-dim", "32", "--depth", "2", "--num-heads", "2"]
+    env = {**os.environ, "DEITPIPE_OBJECT_STORE_BYTES": str(128 << 20)}
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    log, deadline = cut / "metrics.jsonl", time.monotonic() + 240
+    try:
+        while not (log.exists() and log.read_text().count("\n") >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the first epoch never finished"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done_at_kill = len(_metrics(cut))
+    assert 1 <= done_at_kill < 3  # killed after a checkpoint, before the end
+
+    train_student(replace(config, out=str(cut)))  # the same command again
+    a, b = _metrics(full), _metrics(cut)
+    assert [m["epoch"] for m in b] == [0, 1, 2]
+    for ma, mb in zip(a, b):
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-4, abs=1e-5)
+    wa = torch.load(full / "student.pt", weights_only=True)
+    wb = torch.load(cut / "student.pt", weights_only=True)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
 def test_outputs_load_in_timm_and_evaluate(tmp_path):
     timm = pytest.importorskip("timm")
     shards = _shards(tmp_path)
