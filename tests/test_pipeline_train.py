@@ -135,6 +135,26 @@ def test_outputs_load_in_timm_and_evaluate(tmp_path):
     assert json.loads((tmp_path / "analysis" / "analysis.json").read_text())["images"] == 40
 
 
+def test_finetune_at_a_higher_resolution_starts_from_the_resampled_checkpoint(tmp_path):
+    from deitpipe.student import resample_pos_embed
+
+    shards = _shards(tmp_path)
+    base, fine = tmp_path / "base", tmp_path / "fine"
+    train_student(_config(shards, base, epochs=1))
+    # lr so small that the fine-tuned weights are the loaded ones: what was loaded is visible
+    train_student(_config(shards, fine, epochs=1, img_size=24, finetune=str(base / "student.pt"), lr=1e-12,
+                          warmup_epochs=0))
+    before = torch.load(base / "student.pt", weights_only=True)
+    after = torch.load(fine / "student.pt", weights_only=True)
+    assert after["pos_embed"].shape == (1, 2 + 6 * 6, 32)  # 24 px / patch 4: a 6x6 grid
+    want = resample_pos_embed(before["pos_embed"], new_grid=(6, 6), num_prefix_tokens=2)
+    torch.testing.assert_close(after["pos_embed"], want, rtol=0, atol=1e-6)
+    for k in before:
+        if k != "pos_embed":
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6)
+    assert json.loads((fine / "config.json").read_text())["img_size"] == 24
+
+
 def test_a_different_run_into_the_same_out_refuses(tmp_path):
     shards = _shards(tmp_path, n=16)
     out = tmp_path / "run"
