@@ -92,7 +92,9 @@ def _model_options(f):
 
 @main.command("train-student")
 @click.option("--shards", default="shards-out", show_default=True,
-              help="label-teacher output directory, or a brace pattern of its shards.")
+              help="label-teacher output directory, or a brace pattern of its shards (local, s3://, http(s)://, pipe:).")
+@click.option("--manifest", default=None,
+              help="The shards' manifest.json (path or URL) when it is not beside them, as with pipe: commands.")
 @click.option("--out", default="student-out", show_default=True, help="Run directory.")
 @click.option("--val", default=None, help="Held-out data evaluated each epoch: 'digits:val', an ImageFolder, or shards.")
 @_model_options

@@ -91,7 +91,9 @@ class TrainConfig:
     """What ``deitpipe train-student`` does.
 
     Args:
-        shards: a label-teacher output directory, or a brace pattern of its shards.
+        shards: a label-teacher output directory, or a brace pattern of its shards (local,
+            ``s3://``, ``http(s)://`` or a ``pipe:`` command).
+        manifest: the manifest's path or URL, when it is not beside the shards (``pipe:``).
         out: the run directory (student.pt, config.json, metrics.jsonl, checkpoints).
         val: held-out data for per-epoch evaluation ("digits:val", ImageFolder, shards), or None.
         model: a named DeiT variant; the overrides below reshape it for small images.
@@ -119,6 +121,7 @@ class TrainConfig:
     """
 
     shards: str = "shards-out"
+    manifest: str | None = None
     out: str = "student-out"
     val: str | None = None
     model: str = "deit_tiny_distilled_patch16_224"

@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.progress import Progress, append_jsonl
 from deitpipe.shards import schema
-from deitpipe.shards.manifest import read_manifest, write_json_atomic
-from deitpipe.shards.reader import expand_urls
+from deitpipe.shards.manifest import is_remote, read_manifest, write_json_atomic
+from deitpipe.shards.reader import expand_urls, shard_name
 from deitpipe.student import (
     DistillationLoss,
     MixupCutmix,
@@ -56,26 +56,41 @@ class TrainError(RuntimeError):
     """A user-facing failure of train-student; its message is one line."""
 
 
-def shard_info(spec: str) -> dict[str, Any]:
+def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
     """Read and check the manifest of ``spec`` (a directory, or a pattern inside one).
+
+    Args:
+        spec: shard directory, or brace pattern (local, ``s3://``, ``http(s)://``, ``pipe:``).
+        manifest: the manifest's path or URL; default: ``manifest.json`` beside the shards
+            (required for ``pipe:`` commands, whose files deitpipe cannot locate).
 
     Returns:
         ``{"urls", "num_classes", "class_names", "views", "samples", "teacher"}``.
     """
-    root = spec if os.path.isdir(spec) else os.path.dirname(spec.split("{")[0]) or "."
-    manifest = read_manifest(root)  # one line on a missing manifest or another schema version
-    if not manifest.get("complete", False):
-        raise TrainError(f"{root}: label-teacher has not finished; rerun it with the same arguments first")
-    if not manifest.get("teacher", {}).get("name"):
-        raise TrainError(f"{root}: the manifest records no teacher")
-    listed = {s["name"]: s["samples"] for s in manifest["shards"]}
+    where = manifest or _manifest_beside(spec)
+    data = read_manifest(where)  # one line on a missing manifest or another schema version
+    if not data.get("complete", False):
+        raise TrainError(f"{where}: label-teacher has not finished; rerun it with the same arguments first")
+    if not data.get("teacher", {}).get("name"):
+        raise TrainError(f"{where}: the manifest records no teacher")
+    listed = {s["name"]: s["samples"] for s in data["shards"]}
     urls = expand_urls(spec)
-    unknown = [u for u in urls if os.path.basename(u) not in listed]
+    unknown = [u for u in urls if shard_name(u) not in listed]
     if unknown:
-        raise TrainError(f"{unknown[0]} is not listed in {root}/{schema.MANIFEST_NAME}")
-    return {"urls": urls, "num_classes": int(manifest["num_classes"]), "class_names": manifest["class_names"],
-            "views": int(manifest["views"]), "teacher": manifest["teacher"],
-            "samples": sum(listed[os.path.basename(u)] for u in urls)}
+        raise TrainError(f"{unknown[0]} is not listed in {where}")
+    return {"urls": urls, "num_classes": int(data["num_classes"]), "class_names": data["class_names"],
+            "views": int(data["views"]), "teacher": data["teacher"],
+            "samples": sum(listed[shard_name(u)] for u in urls)}
+
+
+def _manifest_beside(spec: str) -> str:
+    if os.path.isdir(spec):
+        return spec
+    if spec.startswith("pipe:"):
+        raise TrainError(f"--shards {spec}: a pipe: command has no place beside it; pass --manifest PATH "
+                         f"(the {schema.MANIFEST_NAME} label-teacher wrote)")
+    folder = spec.split("{")[0].rsplit("/", 1)[0] if "/" in spec.split("{")[0] else "."
+    return f"{folder}/{schema.MANIFEST_NAME}" if is_remote(spec) else folder
 
 
 def teacher_labels_mode(config: TrainConfig, views: int) -> str:
@@ -96,7 +111,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
 
     from deitpipe.pipeline.raysession import ray_session
 
-    info = shard_info(config.shards)
+    info = shard_info(config.shards, config.manifest)
     create_student(config.model, num_classes=info["num_classes"], **config.model_overrides())  # fail early
     mode = teacher_labels_mode(config, info["views"])
     out = Path(config.out).resolve()

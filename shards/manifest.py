@@ -73,7 +73,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check a manifest.
 
     Args:
-        path: Shard directory or the manifest file itself.
+        path: Shard directory or the manifest file itself, or the manifest's URL (``s3://``,
+            ``http(s)://``, ``pipe:CMD``), read as shards are read.
 
     Returns:
         The manifest dict.
@@ -81,19 +82,48 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ManifestError: One line naming the file: missing, not JSON, or another schema version.
     """
-    p = _manifest_path(path)
+    if is_remote(path):
+        where = str(path)
+        try:
+            text = _read_remote(where)
+        except (OSError, ValueError) as exc:
+            raise ManifestError(f"{where}: cannot read the manifest ({exc}); check the URL or pass --manifest") from None
+    else:
+        p = _manifest_path(path)
+        where = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ManifestError(f"{p}: no manifest; is this a shard directory written by deitpipe?") from None
+    return _parse_manifest(text, where)
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a URL or a ``pipe:`` command rather than a local path."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://") or text.startswith("pipe:")
+
+
+def _read_remote(url: str) -> str:
+    from webdataset.gopen import gopen
+
+    from deitpipe.shards.reader import open_url
+
+    with gopen(open_url(url), "rb") as f:
+        return f.read().decode("utf-8")
+
+
+def _parse_manifest(text: str, where: str) -> dict[str, Any]:
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(f"{p}: no manifest; is this a shard directory written by deitpipe?") from None
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{p}: manifest is not valid JSON ({exc}); relabel or restore it") from None
+        raise ManifestError(f"{where}: manifest is not valid JSON ({exc}); relabel or restore it") from None
     if not isinstance(data, dict) or "shards" not in data:
-        raise ManifestError(f"{p}: manifest has no 'shards' list; relabel or restore it")
+        raise ManifestError(f"{where}: manifest has no 'shards' list; relabel or restore it")
     version = data.get("schema_version")
     if version != schema.SCHEMA_VERSION:
         raise ManifestError(
-            f"{p}: shard schema_version {version!r}, this deitpipe reads {schema.SCHEMA_VERSION}; "
+            f"{where}: shard schema_version {version!r}, this deitpipe reads {schema.SCHEMA_VERSION}; "
             "relabel with this version"
         )
     return data

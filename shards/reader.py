@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ def open_url(url: str) -> str:
     if url.startswith("s3://"):
         return f"pipe:aws s3 cp {url} -"
     return url
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name in a path, URL or ``pipe:`` command (``pipe:aws s3 cp s3://b/x.tar -``
+    names ``x.tar``): the key the manifest lists it under, and the same for every way to read it."""
+    names = re.findall(r"([^/\s]+\.tar)(?:\s|$)", url)
+    return names[-1] if names else os.path.basename(url)
 
 
 def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:

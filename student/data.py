@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from deitpipe.shards import schema
 from deitpipe.shards.image import cut_view, decode_image
 from deitpipe.shards.plan import epoch_sample_order, epoch_shard_order
-from deitpipe.shards.reader import decode_sample, iter_tar_samples, teacher_distribution
+from deitpipe.shards.reader import decode_sample, iter_tar_samples, shard_name, teacher_distribution
 from deitpipe.shards.views import epoch_view_index, global_box, random_view_boxes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -173,7 +173,7 @@ class ShardReplay(IterableDataset):
         for url in itertools.cycle(mine):
             raw = list(iter_tar_samples(url))
             order = epoch_sample_order(num_samples=len(raw), seed=self.seed, epoch=self.epoch,
-                                       shard=os.path.basename(url))
+                                       shard=shard_name(url))
             for i in order:
                 yield self.example(decode_sample(raw[i]))
                 produced += 1
