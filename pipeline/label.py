@@ -124,13 +124,15 @@ def _candidate(batch: dict[str, np.ndarray], i: int) -> Candidate:
     data = batch["data"][i]
     return Candidate(path=str(batch["path"][i]), label=int(batch["label"][i]), kind=str(batch["kind"][i]),
                      ref=str(batch["ref"][i]), size=int(batch["size"][i]),
-                     data=bytes(data) if data is not None else None)
+                     data=bytes(data) if data is not None else None, offset=int(batch["offset"][i]),
+                     length=int(batch["length"][i]))
 
 
 def _items(source: Source, indices: list[int]) -> list[dict[str, Any]]:
     cands = source.candidates
     return [{"index": i, "path": cands[i].path, "label": cands[i].label, "kind": cands[i].kind,
-             "ref": cands[i].ref, "size": cands[i].size, "data": cands[i].data} for i in indices]
+             "ref": cands[i].ref, "size": cands[i].size, "data": cands[i].data, "offset": cands[i].offset,
+             "length": cands[i].length} for i in indices]
 
 
 def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int, source: Source,

@@ -12,6 +12,8 @@ import io
 import json
 import os
 import shutil
+import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,11 +42,13 @@ class Candidate:
     Attributes:
         path: Display path or URI, stored in the sample's metadata.
         label: True class index.
-        kind: "file" (read ``ref`` from disk), "digits" (render digit ``ref`` at ``size``) or
-            "tar" (bytes carried in ``data``).
-        ref: Filesystem path, digit index, or ``url#key``.
+        kind: "file" (read ``ref`` from disk), "digits" (render digit ``ref`` at ``size``),
+            "tarmember" (``length`` bytes at ``offset`` of the local tar ``ref``) or "tar"
+            (bytes carried in ``data``, for tars read through a stream).
+        ref: Filesystem path, digit index, tar path, or ``url#key``.
         size: Render size for digits; 0 otherwise.
-        data: In-memory bytes for tar candidates (tars allow no random access).
+        data: In-memory bytes for streamed tar candidates.
+        offset, length: Where a "tarmember" image lies in its tar.
     """
 
     path: str
@@ -53,6 +57,8 @@ class Candidate:
     ref: str = ""
     size: int = 0
     data: bytes | None = field(default=None, repr=False, compare=False)
+    offset: int = 0
+    length: int = 0
 
 
 @dataclass(frozen=True)
@@ -226,8 +232,10 @@ def _tar_label(sample: dict[str, Any]) -> int | None:
 def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """List samples of existing WebDataset tars that have a ``cls`` and an image member.
 
-    Tars allow no random access, so each candidate carries its image bytes in memory: fine for
-    data sets that fit in RAM, not for ImageNet-sized tars.
+    A local tar is indexed by its headers alone: each candidate records where its image lies and
+    is read when it is labelled, so tars of any size work. A tar read through a stream
+    (``pipe:``, ``s3://``, ``http(s)://``) allows no seeking, so its candidates carry their image
+    bytes in memory: fine for sets that fit in RAM; copy larger ones to local disk first.
 
     Args:
         urls: Brace pattern, path, ``pipe:`` command or ``s3://`` URL (see ``reader.expand_urls``).
@@ -237,26 +245,64 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """
     candidates: list[Candidate] = []
     skipped: list[tuple[str, str]] = []
-    for sample in reader.iter_tar_samples(urls):
-        path = f"{sample.get('__url__')}#{sample['__key__']}"
-        label = _tar_label(sample)
-        member = next((m for m in TAR_IMAGE_MEMBERS if m in sample), None)
-        if label is None or label < 0:
-            skipped.append((path, "no integer cls member"))
-        elif member is None:
-            skipped.append((path, f"no image member (one of {', '.join(TAR_IMAGE_MEMBERS)})"))
-        else:
-            candidates.append(Candidate(path=path, label=label, kind="tar", ref=path, data=sample[member]))
+    for url in reader.expand_urls(urls):
+        local = url.removeprefix("file:")
+        samples = _indexed_tar(local) if os.path.isfile(local) else reader.iter_tar_samples(url)
+        for sample in samples:
+            path = f"{url}#{sample['__key__']}"
+            label = _tar_label(sample)
+            member = next((m for m in TAR_IMAGE_MEMBERS if m in sample), None)
+            if label is None or label < 0:
+                skipped.append((path, "no integer cls member"))
+            elif member is None:
+                skipped.append((path, f"no image member (one of {', '.join(TAR_IMAGE_MEMBERS)})"))
+            elif isinstance(sample[member], tarfile.TarInfo):
+                info = sample[member]
+                candidates.append(Candidate(path=path, label=label, kind="tarmember", ref=local,
+                                            offset=info.offset_data, length=info.size))
+            else:
+                candidates.append(Candidate(path=path, label=label, kind="tar", ref=path, data=sample[member]))
     return candidates, skipped
 
 
+def _indexed_tar(path: str) -> Iterator[dict[str, Any]]:
+    """Samples of a local tar as webdataset groups them, from its headers: image members as their
+    ``TarInfo`` (read later), ``cls`` as its bytes."""
+    from webdataset.tariterators import base_plus_ext
+
+    try:
+        tar = tarfile.open(path, "r:")  # seeks over member data: headers only
+    except tarfile.TarError as exc:
+        raise ValueError(f"tar {path} cannot be read: {exc}") from None
+    with tar:
+        sample: dict[str, Any] = {}
+        for info in tar:
+            key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
+            if key is None:
+                continue
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            sample.setdefault("__key__", key)
+            sample[ext.lower()] = tar.extractfile(info).read() if ext.lower() == "cls" else info
+        if sample:
+            yield sample
+
+
 def read_bytes(candidate: Candidate) -> bytes:
-    """The raw bytes of a candidate (file content, rendered digit, or carried tar bytes)."""
+    """The raw bytes of a candidate (file content, rendered digit, tar member, or carried bytes)."""
     if candidate.kind == "file":
         with open(candidate.ref, "rb") as f:
             return f.read()
     if candidate.kind == "digits":
         return render_digit(int(candidate.ref), image_size=candidate.size)
+    if candidate.kind == "tarmember":
+        with open(candidate.ref, "rb") as f:
+            f.seek(candidate.offset)
+            data = f.read(candidate.length)
+        if len(data) != candidate.length:
+            raise OSError(f"truncated: {candidate.ref} ends before its member {candidate.path}")
+        return data
     if candidate.kind == "tar" and candidate.data is not None:
         return candidate.data
     raise ValueError(f"candidate {candidate.path}: cannot read bytes of kind {candidate.kind!r}")

@@ -188,3 +188,31 @@ def test_student_replay_agrees_with_the_teacher_on_its_views(tmp_path):
             agree += int((pred == batch["teacher_hard"]).sum())
             total += len(pred)
     assert total == 64 and agree / total >= 0.995
+
+
+def test_webdataset_tars_local_and_streamed_label_alike(tmp_path):
+    """Local tars are read by offset, streamed ones from memory: the shards are the same."""
+    import tarfile as tarmod
+    from io import BytesIO
+
+    folder = _digit_folder(tmp_path / "digits", n=12)
+    files = sorted(folder.glob("*/*.png"))
+    for t in range(2):
+        with tarmod.open(tmp_path / f"in-{t:06d}.tar", "w") as tar:
+            for p in files[t::2]:
+                for ext, data in (("png", p.read_bytes()), ("cls", p.parent.name.encode())):
+                    info = tarmod.TarInfo(f"{p.stem}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, BytesIO(data))
+    weights = _teacher(tmp_path, 10)
+    local, streamed = tmp_path / "local", tmp_path / "streamed"
+    label_teacher(_config(tmp_path / "in-{000000..000001}.tar", local, weights))
+    label_teacher(_config(f"pipe:cat {tmp_path}/in-{{000000..000001}}.tar", streamed, weights))
+    a, b = _samples(local), _samples(streamed)
+    assert len(a) == len(b) == 12
+    by_name = {p.stem: p.read_bytes() for p in files}
+    for x, y in zip(a, b):
+        assert x["image"] == y["image"] == by_name[x["meta"]["path"].rsplit("#", 1)[1]]
+        assert x["label"] == y["label"]
+        np.testing.assert_array_equal(x["box"], y["box"])
+        np.testing.assert_array_equal(x["prob"], y["prob"])

@@ -112,6 +112,28 @@ def test_webdataset_source_round_trip(tmp_path, image_bytes):
     assert src.class_names == ["0", "1", "2", "3"] and len(src.skipped) == 2
 
 
+def test_local_tars_are_indexed_not_held_in_memory(tmp_path, image_bytes):
+    samples = [{"__key__": f"s{i:03d}", "jpg": image_bytes["rgb_jpeg"] + bytes([i]), "cls": str(i % 3).encode()}
+               for i in range(5)]
+    _write_tar(tmp_path / "in-000000.tar", samples)
+    local, _ = list_webdataset(str(tmp_path / "in-000000.tar"))
+    streamed, _ = list_webdataset(f"pipe:cat {tmp_path}/in-000000.tar")
+    assert all(c.kind == "tarmember" and c.data is None and c.length > 0 for c in local)
+    assert all(c.kind == "tar" and c.data is not None for c in streamed)
+    assert [c.label for c in local] == [c.label for c in streamed] == [0, 1, 2, 0, 1]
+    assert [read_bytes(c) for c in local] == [read_bytes(c) for c in streamed] == [s["jpg"] for s in samples]
+    assert [c.path.rsplit("#", 1)[1] for c in local] == [s["__key__"] for s in samples]
+
+
+def test_a_tar_truncated_after_indexing_is_an_oserror(tmp_path, image_bytes):
+    path = tmp_path / "in-000000.tar"
+    _write_tar(path, [{"__key__": "a", "jpg": image_bytes["rgb_jpeg"], "cls": b"1"}])
+    (cand,), _ = list_webdataset(str(path))
+    path.write_bytes(path.read_bytes()[: cand.offset + 10])
+    with pytest.raises(OSError, match="truncated"):
+        read_bytes(cand)
+
+
 def test_resolve_source(image_folder, tmp_path):
     assert len(resolve_source("digits").candidates) == 1797
     assert len(resolve_source("digits:val").candidates) == 597
