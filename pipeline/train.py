@@ -115,7 +115,8 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     create_student(config.model, num_classes=info["num_classes"], **config.model_overrides())  # fail early
     mode = teacher_labels_mode(config, info["views"])
     out = Path(config.out).resolve()
-    _prepare_out(out, config)
+    _prepare_out(out, config, num_classes=info["num_classes"],
+                 manifest=config.manifest or _manifest_beside(config.shards))
     loop_config = {"config": asdict(config), "info": info, "mode": mode, "out": str(out)}
     cpus = config.cpus_per_worker
     with ray_session(config.ray_address):
@@ -202,9 +203,16 @@ def _last_error_line(text: str) -> str:
     return errors[-1] if errors else (lines[-1] if lines else "unknown error")
 
 
-def _prepare_out(out: Path, config: TrainConfig) -> None:
-    """Write config.json; refuse to mix a different run into an existing ``out``."""
+def _prepare_out(out: Path, config: TrainConfig, *, num_classes: int, manifest: str) -> None:
+    """Write config.json; refuse to mix a different run into an existing ``out``, or to resume a
+    student whose head does not fit the shards' classes (shards relabelled in place)."""
     path = out / "config.json"
+    student = out / "student.pt"
+    if student.exists() and not config.overwrite:
+        head = torch.load(student, map_location="cpu", weights_only=True).get("head.weight")
+        if head is not None and head.shape[0] != num_classes:
+            raise TrainError(f"{student} has a {head.shape[0]}-class head but {manifest} lists {num_classes} "
+                             "classes; pass --overwrite or choose another --out")
     if path.exists():
         old = json.loads(path.read_text())
         same = {k: v for k, v in old.items() if k not in _RUNTIME} == {

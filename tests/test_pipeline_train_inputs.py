@@ -80,3 +80,18 @@ def test_an_unreadable_remote_manifest_is_one_line(tmp_path):
     with pytest.raises(ManifestError, match="cannot read the manifest") as err:
         read_manifest(f"pipe:cat {tmp_path}/missing.json")
     assert "\n" not in str(err.value)
+
+
+def test_resuming_a_student_whose_head_does_not_fit_the_shards_is_one_line(shards, tmp_path):
+    from deitpipe.pipeline.config import TrainConfig
+    from deitpipe.pipeline.train import _prepare_out
+
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"head.weight": torch.zeros(100, 8), "head.bias": torch.zeros(100)}, out / "student.pt")
+    config = TrainConfig(shards=str(shards), out=str(out))
+    with pytest.raises(TrainError, match="100-class head but .* lists 10 classes; pass --overwrite") as err:
+        _prepare_out(out, config, num_classes=10, manifest=str(shards))
+    assert "\n" not in str(err.value)
+    _prepare_out(out, config, num_classes=100, manifest=str(shards))  # a fitting head resumes
+    assert (out / "config.json").exists()
