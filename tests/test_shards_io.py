@@ -180,3 +180,28 @@ def test_shards_md_example_runs(shard_set, capsys):
     exec(compile(code.replace("out/shard-", f"{out}/shard-"), "SHARDS.md", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == [s["key"] for s in samples]
+
+
+def test_load_npy_reads_repeated_headers_exactly_and_never_unpickles():
+    import io
+
+    from deitpipe.shards.reader import load_npy
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    arrays = [np.arange(12, dtype=np.int32).reshape(3, 4), np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+              np.float16([1.5, -2.0]), np.array(7, dtype=np.int64), np.zeros((0, 4), np.uint16),
+              np.array([True, False])]
+    for a in arrays:
+        for variant in (a, a + 1 if a.dtype != bool else ~a):  # the second read takes the remembered header
+            got = load_npy(npy(variant))
+            assert got.dtype == variant.dtype and got.shape == variant.shape and got.flags.writeable
+            np.testing.assert_array_equal(got, variant)
+    data = npy(np.arange(12, dtype=np.int32).reshape(3, 4))
+    with pytest.raises(ValueError):
+        load_npy(data[:-4])  # truncated, with a remembered header
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_npy(npy(np.array([{"a": 1}], dtype=object)))
