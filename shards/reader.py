@@ -80,6 +80,80 @@ def iter_tar_samples(urls: str | Iterable[str]) -> Iterator[dict[str, Any]]:
         yield sample
 
 
+def read_shard(url: str) -> list[dict[str, Any]]:
+    """All raw samples of one shard, as :func:`iter_tar_samples` yields them, from one read.
+
+    deitpipe's shards are plain ustar archives of regular members; those are split here without
+    ``tarfile``'s per-member cost, which exceeds the cost of the small members themselves. Any
+    other archive (long names, pax headers, a bad checksum) goes through webdataset.
+
+    Args:
+        url: One shard path or URL (``pipe:``, ``s3://``, ``http(s)://``).
+    """
+    src = open_url(url)
+    local = url.removeprefix("file:")
+    if "://" in url or url.startswith("pipe:"):
+        from webdataset.gopen import gopen
+
+        with gopen(src, "rb") as f:
+            data = f.read()
+    else:
+        if not os.path.isfile(local):
+            raise ValueError(f"tar {url} does not exist; check the path or brace pattern")
+        with open(local, "rb") as f:
+            data = f.read()
+    samples = _split_ustar(data, src)
+    if samples is None:
+        members = tariterators.tar_file_expander([{"url": src, "stream": io.BytesIO(data)}])
+        samples = list(tariterators.group_by_keys(members))
+    return samples
+
+
+_ZERO_BLOCK = bytes(512)
+
+
+def _split_ustar(data: bytes, url: str) -> list[dict[str, Any]] | None:
+    """Samples of a plain ustar archive grouped as webdataset groups them, or None for any other."""
+    samples: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    pos, end = 0, len(data)
+    while pos + 512 <= end:
+        block = data[pos:pos + 512]
+        if block == _ZERO_BLOCK:
+            break
+        if block[257:262] != b"ustar" or block[156:157] not in (b"0", b"\0"):
+            return None
+        try:
+            checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if checksum != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            return None
+        name = f"{prefix}/{name}" if prefix else name
+        if pos + 512 + size > end:
+            raise ValueError(f"{url}: truncated shard: member {name} ends past the end of the file")
+        key, ext = tariterators.base_plus_ext(name)
+        if key is None or name.startswith("__") or "/__" in name:
+            return None  # names webdataset treats specially
+        start, pos = pos + 512, pos + 512 + -(-size // 512) * 512
+        ext = ext.lower()
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                samples.append(current)
+            current = {"__key__": key, "__url__": url}
+        elif ext in current:
+            return None  # a duplicate member: webdataset raises
+        current[ext] = data[start:start + size]
+    if pos + 512 > end:  # no end-of-archive block: the file was cut (tar writers always add one)
+        raise ValueError(f"{url}: truncated shard: it ends before its end-of-archive marker")
+    if current is not None:
+        samples.append(current)
+    return samples
+
+
 def load_npy(data: bytes) -> np.ndarray:
     """Load ``.npy`` bytes without allowing pickled objects.
 

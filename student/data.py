@@ -27,7 +27,7 @@ from torchvision.transforms import v2
 from deitpipe.shards import schema
 from deitpipe.shards.image import cut_view, decode_image
 from deitpipe.shards.plan import epoch_sample_order, epoch_shard_order
-from deitpipe.shards.reader import decode_sample, iter_tar_samples, shard_name, teacher_distribution
+from deitpipe.shards.reader import decode_sample, read_shard, shard_name, teacher_distribution
 from deitpipe.shards.views import epoch_view_index, global_box, random_view_boxes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -171,7 +171,7 @@ class ShardReplay(IterableDataset):
         produced = 0
         # Cycle this worker's shards until its quota is met (a short rank rereads from its start).
         for url in itertools.cycle(mine):
-            raw = list(iter_tar_samples(url))
+            raw = read_shard(url)
             order = epoch_sample_order(num_samples=len(raw), seed=self.seed, epoch=self.epoch,
                                        shard=shard_name(url))
             for i in order:
@@ -254,7 +254,7 @@ def eval_items(spec: str, *, image_size: int = 32, seed: int = 0) -> tuple[list,
             or ("{" in spec and ".tar" in spec):
         items = []
         for url in expand_urls(spec):
-            for raw in iter_tar_samples(url):
+            for raw in read_shard(url):
                 s = decode_sample(raw)
                 items.append(((lambda b=s["image"]: b), s["label"], int(s["hard"][0])))
         names = read_manifest(spec).get("class_names", []) if os.path.isdir(spec) else []

@@ -205,3 +205,51 @@ def test_load_npy_reads_repeated_headers_exactly_and_never_unpickles():
         load_npy(data[:-4])  # truncated, with a remembered header
     with pytest.raises(ValueError, match="allow_pickle"):
         load_npy(npy(np.array([{"a": 1}], dtype=object)))
+
+
+def test_read_shard_splits_our_shards_itself_and_matches_webdataset(shard_set, tmp_path):
+    from deitpipe.shards.reader import _split_ustar, read_shard
+
+    out, _ = shard_set
+    for url in expand_urls(str(out)):
+        data = open(url, "rb").read()
+        assert _split_ustar(data, url) is not None  # the fast path, not the fallback
+        assert read_shard(url) == list(iter_tar_samples(url))
+        assert read_shard(f"pipe:cat {url}") == list(iter_tar_samples(f"pipe:cat {url}"))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_read_shard_reads_other_tars_through_webdataset(tmp_path, fmt):
+    import io
+
+    from deitpipe.shards.reader import _split_ustar, read_shard
+
+    path = tmp_path / "other.tar"
+    long_key = "k" * 120  # longer than a ustar name field
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for key in ("a", long_key):
+            for ext, data in (("cls", b"1"), ("txt", key.encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert _split_ustar(path.read_bytes(), str(path)) is None
+    samples = read_shard(str(path))
+    assert samples == list(iter_tar_samples(str(path)))
+    assert [s["__key__"] for s in samples] == ["a", long_key]
+
+
+def test_read_shard_of_a_truncated_shard_raises(shard_set, tmp_path):
+    from deitpipe.shards.reader import read_shard
+
+    out, _ = shard_set
+    url = expand_urls(str(out))[0]
+    cut = tmp_path / "cut.tar"
+    whole = open(url, "rb").read()
+    with tarfile.open(url) as tar:
+        members = tar.getmembers()
+    inside_data, at_header, inside_header = members[0].offset_data + 10, members[2].offset, members[2].offset + 100
+    for size, where in ((inside_data, "member .* ends past the end"), (at_header, "before its end-of-archive"),
+                        (inside_header, "before its end-of-archive")):
+        cut.write_bytes(whole[:size])
+        with pytest.raises(ValueError, match=f"truncated shard: .*{where}"):
+            read_shard(str(cut))
