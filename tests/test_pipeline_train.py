@@ -48,6 +48,18 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_same_run(full, resumed):
+    """Each epoch logged once, with the uninterrupted run's losses and final weights."""
+    a, b = _metrics(full), _metrics(resumed)
+    assert [m["epoch"] for m in b] == [0, 1, 2]
+    for ma, mb in zip(a, b):
+        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-4, abs=1e-5)
+    wa = torch.load(full / "student.pt", weights_only=True)
+    wb = torch.load(resumed / "student.pt", weights_only=True)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
 def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
     shards = _shards(tmp_path)
     full, cut = tmp_path / "full", tmp_path / "cut"
@@ -55,14 +67,7 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
     partial = train_student(_config(shards, cut, stop_after_steps=7))  # 5 steps per epoch: dies in epoch 1
     assert partial["epochs_done"] == 1
     train_student(_config(shards, cut))  # the same command again resumes from epoch 0's checkpoint
-    a, b = _metrics(full), _metrics(cut)
-    assert [m["epoch"] for m in b] == [0, 1, 2]  # each epoch logged once
-    for ma, mb in zip(a, b):
-        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-4, abs=1e-5)
-    wa = torch.load(full / "student.pt", weights_only=True)
-    wb = torch.load(cut / "student.pt", weights_only=True)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+    _assert_same_run(full, cut)
 
 
 @pytest.mark.slow
@@ -99,14 +104,7 @@ def test_a_run_whose_processes_are_all_killed_resumes_to_the_same_result(tmp_pat
     assert 1 <= done_at_kill < 3  # killed after a checkpoint, before the end
 
     train_student(replace(config, out=str(cut)))  # the same command again
-    a, b = _metrics(full), _metrics(cut)
-    assert [m["epoch"] for m in b] == [0, 1, 2]
-    for ma, mb in zip(a, b):
-        assert mb["loss"] == pytest.approx(ma["loss"], rel=1e-4, abs=1e-5)
-    wa = torch.load(full / "student.pt", weights_only=True)
-    wb = torch.load(cut / "student.pt", weights_only=True)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+    _assert_same_run(full, cut)
 
 
 def test_outputs_load_in_timm_and_evaluate(tmp_path):
