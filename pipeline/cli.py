@@ -17,7 +17,7 @@ class _OneLineErrors(click.Group):
         try:
             return super().invoke(ctx)
         except (ValueError, FileNotFoundError, RuntimeError) as exc:
-            if isinstance(exc, click.ClickException):
+            if isinstance(exc, (click.ClickException, click.exceptions.Exit)):  # Exit: --help, a RuntimeError
                 raise
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise click.ClickException(message) from exc

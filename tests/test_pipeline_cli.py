@@ -22,6 +22,13 @@ def test_version_and_commands():
         assert command in out
 
 
+def test_every_command_help_exits_zero():
+    for name in main.commands:
+        result = _run(name, "--help")
+        assert result.exit_code == 0, (name, result.output)
+        assert "Usage:" in result.output and "Error" not in result.output
+
+
 def test_every_option_has_help():
     for name, command in main.commands.items():
         for param in command.params:
