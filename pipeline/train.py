@@ -65,7 +65,7 @@ def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
             (required for ``pipe:`` commands, whose files deitpipe cannot locate).
 
     Returns:
-        ``{"urls", "num_classes", "class_names", "views", "samples", "teacher"}``.
+        ``{"urls", "num_classes", "class_names", "views", "samples", "teacher", "manifest"}``.
     """
     where = manifest or _manifest_beside(spec)
     data = read_manifest(where)  # one line on a missing manifest or another schema version
@@ -80,7 +80,7 @@ def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
         raise TrainError(f"{unknown[0]} is not listed in {where}")
     return {"urls": urls, "num_classes": int(data["num_classes"]), "class_names": data["class_names"],
             "views": int(data["views"]), "teacher": data["teacher"],
-            "samples": sum(listed[shard_name(u)] for u in urls)}
+            "samples": sum(listed[shard_name(u)] for u in urls), "manifest": where}
 
 
 def _manifest_beside(spec: str) -> str:
@@ -115,8 +115,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     create_student(config.model, num_classes=info["num_classes"], **config.model_overrides())  # fail early
     mode = teacher_labels_mode(config, info["views"])
     out = Path(config.out).resolve()
-    _prepare_out(out, config, num_classes=info["num_classes"],
-                 manifest=config.manifest or _manifest_beside(config.shards))
+    _prepare_out(out, config, num_classes=info["num_classes"], manifest=info["manifest"])
     loop_config = {"config": asdict(config), "info": info, "mode": mode, "out": str(out)}
     cpus = config.cpus_per_worker
     with ray_session(config.ray_address):
@@ -131,18 +130,14 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
                                            failure_config=ray.train.FailureConfig(max_failures=2)),
         )
         try:
-            follow(trainer.fit, board, Progress(config.epochs * info_steps(info, config), desc="train-student",
-                                                unit="step", enabled=config.progress))
+            steps = steps_per_epoch(info["samples"], batch_size=config.batch_size, world_size=config.num_workers)
+            follow(trainer.fit, board, Progress(config.epochs * steps, desc="train-student", unit="step",
+                                                enabled=config.progress))
         except Exception as exc:  # a worker's error arrives wrapped; surface its last line
             raise TrainError(f"training failed on a worker: {_last_error_line(str(exc))}") from exc
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     return {"out": str(out), "student": str(out / "student.pt"), "epochs_done": len(metrics),
             "last": metrics[-1] if metrics else {}}
-
-
-def info_steps(info: dict[str, Any], config: TrainConfig) -> int:
-    """Optimizer steps per epoch of this run."""
-    return steps_per_epoch(info["samples"], batch_size=config.batch_size, world_size=config.num_workers)
 
 
 def progress_board():
