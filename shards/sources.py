@@ -232,10 +232,11 @@ def _tar_label(sample: dict[str, Any]) -> int | None:
 def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """List samples of existing WebDataset tars that have a ``cls`` and an image member.
 
-    A local tar is indexed by its headers alone: each candidate records where its image lies and
-    is read when it is labelled, so tars of any size work. A tar read through a stream
-    (``pipe:``, ``s3://``, ``http(s)://``) allows no seeking, so its candidates carry their image
-    bytes in memory: fine for sets that fit in RAM; copy larger ones to local disk first.
+    A local uncompressed tar is indexed by its headers alone: each candidate records where its
+    image lies and is read when it is labelled, so tars of any size work. A compressed tar, or
+    one read through a stream (``pipe:``, ``s3://``, ``http(s)://``), allows no seeking, so its
+    candidates carry their image bytes in memory: fine for sets that fit in RAM; copy larger
+    ones to local disk, uncompressed, first.
 
     Args:
         urls: Brace pattern, path, ``pipe:`` command or ``s3://`` URL (see ``reader.expand_urls``).
@@ -247,7 +248,8 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     for url in reader.expand_urls(urls):
         local = url.removeprefix("file:")
-        samples = _indexed_tar(local) if os.path.isfile(local) else reader.iter_tar_samples(url)
+        seekable = os.path.isfile(local) and not _compressed(local)
+        samples = _indexed_tar(local) if seekable else reader.iter_tar_samples(url)
         for sample in samples:
             path = f"{url}#{sample['__key__']}"
             label = _tar_label(sample)
@@ -263,6 +265,13 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
             else:
                 candidates.append(Candidate(path=path, label=label, kind="tar", ref=path, data=sample[member]))
     return candidates, skipped
+
+
+def _compressed(path: str) -> bool:
+    """Whether a file starts with a gzip, bzip2, xz or zstd signature (offsets would not be file offsets)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd"))
 
 
 def _indexed_tar(path: str) -> Iterator[dict[str, Any]]:

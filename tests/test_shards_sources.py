@@ -125,6 +125,15 @@ def test_local_tars_are_indexed_not_held_in_memory(tmp_path, image_bytes):
     assert [c.path.rsplit("#", 1)[1] for c in local] == [s["__key__"] for s in samples]
 
 
+def test_compressed_local_tars_are_read_as_streams(tmp_path, image_bytes):
+    import gzip
+
+    _write_tar(tmp_path / "in.tar", [{"__key__": "a", "jpg": image_bytes["rgb_jpeg"], "cls": b"2"}])
+    (tmp_path / "in.tgz.tar").write_bytes(gzip.compress((tmp_path / "in.tar").read_bytes()))
+    (cand,), _ = list_webdataset(str(tmp_path / "in.tgz.tar"))
+    assert cand.kind == "tar" and cand.label == 2 and read_bytes(cand) == image_bytes["rgb_jpeg"]
+
+
 def test_a_tar_truncated_after_indexing_is_an_oserror(tmp_path, image_bytes):
     path = tmp_path / "in-000000.tar"
     _write_tar(path, [{"__key__": "a", "jpg": image_bytes["rgb_jpeg"], "cls": b"1"}])
