@@ -20,7 +20,7 @@ import numpy as np
 
 from deitpipe.pipeline.config import LabelConfig
 from deitpipe.pipeline.progress import Progress
-from deitpipe.pipeline.raysession import ray_session
+from deitpipe.pipeline.raysession import quiet_ray_data, ray_session
 from deitpipe.shards import schema
 from deitpipe.shards.image import (
     ImageDecodeError,
@@ -269,7 +269,7 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
                   teacher_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     """Label the shards in ``todo`` and pack each as soon as it is complete."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy
 
     shard_of = {i: s for s in todo for i in plan[s]}  # items go in shard order, so shards finish early
     pending: dict[int, dict[int, dict[str, Any]]] = {s: {} for s in todo}
@@ -287,9 +287,7 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
             manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda e: e["first_index"])
             write_manifest(out, manifest)
 
-    with ray_session(config.ray_address), ThreadPoolExecutor(max_workers=2) as packer:
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
+    with ray_session(config.ray_address), quiet_ray_data(), ThreadPoolExecutor(max_workers=2) as packer:
         use_gpu = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
         actors = config.num_actors or (int(ray.cluster_resources()["GPU"]) if use_gpu else 1)
         v = config.views + 1
@@ -306,7 +304,9 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
                                        device="cuda" if use_gpu else "cpu", batch_size=config.batch_size,
                                        cpu_threads=None if use_gpu else _local_cpus()))
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
+                if n == 0:
+                    bar.begin()  # the rate is labelling's, not Ray's start-up and the teacher's load
                 for i, index in enumerate(batch["index"].tolist()):
                     s = shard_of[index]
                     seen[s] += 1

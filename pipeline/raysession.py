@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
@@ -35,3 +36,24 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
         yield
     finally:
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Ray Data's driver-side chatter (execution plans, timings, a note that its own progress
+    bars are off) at warning level and above only; deitpipe shows its own progress."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    loggers = {name: logging.getLogger(name) for name in ("ray.data", "ray.data._internal.progress")}
+    before = ({name: log.level for name, log in loggers.items()}, ctx.enable_progress_bars,
+              ctx.print_on_execution_start)
+    loggers["ray.data"].setLevel(logging.WARNING)
+    loggers["ray.data._internal.progress"].setLevel(logging.ERROR)  # only "progress bars disabled"
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
+    try:
+        yield
+    finally:
+        for name, level in before[0].items():
+            loggers[name].setLevel(level)
+        ctx.enable_progress_bars, ctx.print_on_execution_start = before[1], before[2]
