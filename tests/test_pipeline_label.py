@@ -216,3 +216,19 @@ def test_webdataset_tars_local_and_streamed_label_alike(tmp_path):
         assert x["label"] == y["label"]
         np.testing.assert_array_equal(x["box"], y["box"])
         np.testing.assert_array_equal(x["prob"], y["prob"])
+
+
+def test_ray_data_chatter_is_quiet_inside_and_restored_after():
+    import logging
+
+    from ray.data import DataContext
+
+    from deitpipe.pipeline.raysession import quiet_ray_data
+
+    ctx, log = DataContext.get_current(), logging.getLogger("ray.data")
+    before = (log.level, ctx.enable_progress_bars, ctx.print_on_execution_start)
+    with quiet_ray_data():
+        assert log.getEffectiveLevel() == logging.WARNING
+        assert logging.getLogger("ray.data._internal.execution.streaming_executor").getEffectiveLevel() >= logging.WARNING
+        assert not ctx.enable_progress_bars and not ctx.print_on_execution_start
+    assert (log.level, ctx.enable_progress_bars, ctx.print_on_execution_start) == before
