@@ -14,11 +14,10 @@ from deitpipe.shards.sources import _digits, digits_split, render_digit, resolve
 from deitpipe.teacher import build_teacher, read_sidecar, sidecar_path
 from deitpipe.teacher import train as train_mod
 from deitpipe.teacher.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from deitpipe.teacher.data import SourceImages, eval_transform
 from deitpipe.teacher.train import (
-    SourceImages,
     TeacherTrainConfig,
     build_start_model,
-    eval_transform,
     evaluate_teacher,
     replace_head,
     save_teacher,
