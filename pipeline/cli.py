@@ -130,7 +130,8 @@ def _model_options(f):
 @click.option("--num-workers", type=int, default=1, show_default=True, help="Ray Train workers (one per GPU).")
 @click.option("--use-gpu", is_flag=True, help="Train on GPUs (NCCL); default CPU (gloo).")
 @click.option("--cpus-per-worker", type=int, default=None, help="CPUs per worker (default: all / workers).")
-@click.option("--loader-workers", type=int, default=0, show_default=True, help="DataLoader processes per worker.")
+@click.option("--loader-workers", type=int, default=None,
+              help="DataLoader processes per worker (default: none on CPUs, the worker's CPUs - 1 with a GPU).")
 @click.option("--ray-address", default=None, help="Join this Ray cluster; default: a local Ray.")
 @click.option("--compile", is_flag=True, help="torch.compile the student.")
 @click.option("--channels-last", is_flag=True, help="channels-last memory format.")

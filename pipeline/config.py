@@ -110,7 +110,8 @@ class TrainConfig:
             timm's scale, None for off; rand_augment_std its noise per op, timm's mstd).
         online_teacher, teacher_weights: run this torchvision teacher live on the student's
             batch instead of reading stored labels (the paper's original method).
-        num_workers, use_gpu, cpus_per_worker, loader_workers, ray_address: where it runs.
+        num_workers, use_gpu, cpus_per_worker, loader_workers, ray_address: where it runs
+            (loader_workers None: see ``pipeline.train.default_loader_workers``).
         compile, channels_last: speed options.
         seed: data order, views and initialisation.
         resume: continue from the last checkpoint in ``out`` (a rerun of the same ``out`` does
@@ -156,7 +157,7 @@ class TrainConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: int | None = None
-    loader_workers: int = 0
+    loader_workers: int | None = None
     ray_address: str | None = None
     compile: bool = False
     channels_last: bool = False
@@ -171,7 +172,7 @@ class TrainConfig:
         for option, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                    ("--num-workers", self.num_workers, 1),
                                    ("--loader-workers", self.loader_workers, 0)):
-            if value < low:
+            if value is not None and value < low:
                 raise ValueError(f"{option} must be >= {low}, got {value}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")

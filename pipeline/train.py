@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -241,6 +241,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(int(loop_config["cpus"]))
+    if cfg.loader_workers is None:
+        cfg = replace(cfg, loader_workers=default_loader_workers(device.type, int(loop_config["cpus"])))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = create_student(cfg.model, num_classes=info["num_classes"], **cfg.model_overrides())
     if cfg.finetune:
@@ -292,6 +294,16 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                                                        num_classes=info["num_classes"]).get("top1_avg")
         _report(rank, out, cfg, metrics, model, optimizer, scheduler, ema, epoch, step)
         post(step, {"loss": metrics["loss"]}, epoch=f"{epoch + 1}/{cfg.epochs}", force=True)
+
+
+def default_loader_workers(device_type: str, cpus: int) -> int:
+    """DataLoader processes when --loader-workers is not given.
+
+    On CPUs the model's own threads use every core, and loading in the training process costs
+    least. A GPU step is far faster than decoding one batch on one core, so a GPU worker loads in
+    the other processes its CPUs allow, keeping one for the training loop.
+    """
+    return 0 if device_type == "cpu" else max(1, cpus - 1)
 
 
 def _poster(board, *, start: int, every_s: float = 0.5) -> Callable[..., None]:

@@ -25,3 +25,14 @@ def test_out_of_range_values_name_their_option(kw, option):
     with pytest.raises(ValueError, match=option) as err:
         TrainConfig(**kw)
     assert "\n" not in str(err.value)
+
+
+def test_loader_workers_default_to_none_on_cpus_and_all_but_one_cpu_with_a_gpu():
+    from deitpipe.pipeline.train import default_loader_workers
+
+    assert TrainConfig().loader_workers is None
+    assert default_loader_workers("cpu", 8) == 0
+    assert default_loader_workers("cuda", 8) == 7
+    assert default_loader_workers("cuda", 1) == 1
+    with pytest.raises(ValueError, match="--loader-workers must be >= 0"):
+        TrainConfig(loader_workers=-1)
