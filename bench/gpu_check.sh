@@ -4,7 +4,9 @@
 # Usage (from anywhere): bash bench/gpu_check.sh [gpu_check.py options]
 # Picks a Python whose torch sees CUDA (else the first with torch; PYTHON=... forces one),
 # makes deitpipe importable (pip install -e . --no-deps offline, else a link to the repository
-# root), then runs bench/gpu_check.py, which needs only torch and deitpipe's student modules.
+# root), then runs bench/gpu_check.py: its in-memory run needs only torch and deitpipe's student
+# modules; its run from synthetic shards also needs webdataset (pip install --no-index
+# --find-links DIR webdataset braceexpand where the machine has no index) and is skipped without.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
