@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.progress import Progress, append_jsonl
 from deitpipe.shards import schema
-from deitpipe.shards.manifest import is_remote, read_manifest, write_json_atomic
-from deitpipe.shards.reader import expand_urls, shard_name
+from deitpipe.shards.manifest import read_manifest, write_json_atomic
+from deitpipe.shards.reader import expand_urls, is_remote, shard_name
 from deitpipe.student import (
     DistillationLoss,
     MixupCutmix,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deitpipe.shards import schema
-from deitpipe.shards.reader import decode_sample, iter_tar_samples
+from deitpipe.shards.reader import decode_sample, is_remote, iter_tar_samples, open_url
 
 
 class ManifestError(ValueError):
@@ -98,16 +98,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return _parse_manifest(text, where)
 
 
-def is_remote(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a URL or a ``pipe:`` command rather than a local path."""
-    text = os.fspath(path)
-    return "://" in text and not text.startswith("file://") or text.startswith("pipe:")
-
-
 def _read_remote(url: str) -> str:
     from webdataset.gopen import gopen
 
-    from deitpipe.shards.reader import open_url
 
     with gopen(open_url(url), "rb") as f:
         return f.read().decode("utf-8")

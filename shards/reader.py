@@ -30,6 +30,12 @@ def open_url(url: str) -> str:
     return url
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a URL or a ``pipe:`` command rather than a local path."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://") or text.startswith("pipe:")
+
+
 def shard_name(url: str) -> str:
     """The shard's file name in a path, URL or ``pipe:`` command (``pipe:aws s3 cp s3://b/x.tar -``
     names ``x.tar``): the key the manifest lists it under, and the same for every way to read it."""
@@ -73,7 +79,7 @@ def iter_tar_samples(urls: str | Iterable[str]) -> Iterator[dict[str, Any]]:
     expanded = expand_urls(urls)
     for url in expanded:
         local = url.removeprefix("file:")
-        if "://" not in url and not url.startswith("pipe:") and not os.path.isfile(local):
+        if not is_remote(url) and not os.path.isfile(local):
             raise ValueError(f"tar {url} does not exist; check the path or brace pattern")
     src = [{"url": open_url(u)} for u in expanded]
     for sample in tariterators.tarfile_samples(src):
@@ -92,7 +98,7 @@ def read_shard(url: str) -> list[dict[str, Any]]:
     """
     src = open_url(url)
     local = url.removeprefix("file:")
-    if "://" in url or url.startswith("pipe:"):
+    if is_remote(url):
         from webdataset.gopen import gopen
 
         with gopen(src, "rb") as f:
@@ -161,20 +167,26 @@ def load_npy(data: bytes) -> np.ndarray:
     (which refuses object arrays) and remembered; later members with that header are viewed
     directly, without numpy's header parsing, which costs more than the arrays themselves here.
     """
-    if len(data) >= 10 and data[:6] == b"\x93NUMPY":
-        size_bytes = 2 if data[6] == 1 else 4
-        end = 8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")
-        layout = _NPY_HEADERS.get(data[:end])
-        if layout is not None:
-            dtype, shape, order = layout
-            count = int(np.prod(shape))
-            if len(data) - end == count * dtype.itemsize:
-                return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape, order=order).copy()
+    header = _npy_header(data)
+    layout = _NPY_HEADERS.get(header) if header else None
+    if layout is not None:
+        dtype, shape, order = layout
+        count = int(np.prod(shape))
+        if len(data) - len(header) == count * dtype.itemsize:
+            return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape, order=order).copy()
     arr = np.load(io.BytesIO(data), allow_pickle=False)
-    if len(data) >= 10 and data[:6] == b"\x93NUMPY" and len(_NPY_HEADERS) < 1024:
+    if header and len(_NPY_HEADERS) < 1024:
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-        _NPY_HEADERS[data[:end]] = (arr.dtype, arr.shape, order)
+        _NPY_HEADERS[header] = (arr.dtype, arr.shape, order)
     return arr
+
+
+def _npy_header(data: bytes) -> bytes | None:
+    """The magic, version and header dict of ``.npy`` bytes (everything before the array data)."""
+    if len(data) < 10 or data[:6] != b"\x93NUMPY":
+        return None
+    size_bytes = 2 if data[6] == 1 else 4
+    return data[:8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")]
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], str]] = {}
