@@ -139,6 +139,8 @@ def _model_options(f):
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from the last checkpoint in --out.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing --out and start afresh.")
 @click.option("--finetune", default=None, help="Start from this checkpoint (e.g. 224 weights with --img-size 384).")
+@click.option("--keep-checkpoints", type=int, default=2, show_default=True,
+              help="Latest epoch checkpoints kept under --out/ray (each holds the optimizer state).")
 @click.option("--stop-after-steps", type=int, default=None, help="Stop after this many steps in total (a later run resumes).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_student_cmd(no_progress: bool, rand_augment: float, **options) -> None:

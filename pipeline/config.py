@@ -118,6 +118,7 @@ class TrainConfig:
             too); False with an existing run refuses unless ``overwrite``.
         finetune: start from this checkpoint (position embedding resampled to img_size).
         stop_after_steps: stop, as if killed, after this many optimizer steps in total.
+        keep_checkpoints: how many of the latest epoch checkpoints to keep under ``out/ray``.
         progress: show a progress bar.
     """
 
@@ -166,12 +167,14 @@ class TrainConfig:
     overwrite: bool = False
     finetune: str | None = None
     stop_after_steps: int | None = None
+    keep_checkpoints: int = 2
     progress: bool = True
 
     def __post_init__(self) -> None:
         for option, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
                                    ("--num-workers", self.num_workers, 1),
-                                   ("--loader-workers", self.loader_workers, 0)):
+                                   ("--loader-workers", self.loader_workers, 0),
+                                   ("--keep-checkpoints", self.keep_checkpoints, 1)):
             if value is not None and value < low:
                 raise ValueError(f"{option} must be >= {low}, got {value}")
         if self.lr <= 0:

@@ -126,8 +126,9 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
             worker_loop, train_loop_config={**loop_config, "cpus": cpus, "board": board},
             scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
-            run_config=ray.train.RunConfig(name="ray", storage_path=str(out),
-                                           failure_config=ray.train.FailureConfig(max_failures=2)),
+            run_config=ray.train.RunConfig(
+                name="ray", storage_path=str(out), failure_config=ray.train.FailureConfig(max_failures=2),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         )
         try:
             steps = steps_per_epoch(info["samples"], batch_size=config.batch_size, world_size=config.num_workers)
@@ -226,7 +227,7 @@ def _prepare_out(out: Path, config: TrainConfig, *, num_classes: int, manifest: 
 
 
 _RUNTIME = frozenset({"out", "ray_address", "resume", "overwrite", "stop_after_steps", "progress",
-                      "loader_workers", "cpus_per_worker"})
+                      "loader_workers", "cpus_per_worker", "keep_checkpoints"})
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:

@@ -68,6 +68,8 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
     assert partial["epochs_done"] == 1
     train_student(_config(shards, cut))  # the same command again resumes from epoch 0's checkpoint
     _assert_same_run(full, cut)
+    for run in (full, cut):  # 3 epochs reported, the latest 2 kept (--keep-checkpoints)
+        assert len([p for p in (run / "ray").glob("checkpoint_*") if p.is_dir()]) == 2
 
 
 @pytest.mark.slow
