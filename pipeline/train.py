@@ -89,7 +89,8 @@ def _manifest_beside(spec: str) -> str:
     if spec.startswith("pipe:"):
         raise TrainError(f"--shards {spec}: a pipe: command has no place beside it; pass --manifest PATH "
                          f"(the {schema.MANIFEST_NAME} label-teacher wrote)")
-    folder = spec.split("{")[0].rsplit("/", 1)[0] if "/" in spec.split("{")[0] else "."
+    head = spec.split("{")[0]
+    folder = head.rsplit("/", 1)[0] if "/" in head else "."
     return f"{folder}/{schema.MANIFEST_NAME}" if is_remote(spec) else folder
 
 
@@ -205,7 +206,8 @@ def _prepare_out(out: Path, config: TrainConfig, *, num_classes: int, manifest: 
     path = out / "config.json"
     student = out / "student.pt"
     if student.exists() and not config.overwrite:
-        head = torch.load(student, map_location="cpu", weights_only=True).get("head.weight")
+        # mmap: only the head's bytes are read, not a whole DeiT-B
+        head = torch.load(student, map_location="cpu", weights_only=True, mmap=True).get("head.weight")
         if head is not None and head.shape[0] != num_classes:
             raise TrainError(f"{student} has a {head.shape[0]}-class head but {manifest} lists {num_classes} "
                              "classes; pass --overwrite or choose another --out")
