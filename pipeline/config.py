@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
+
+from deitpipe.shards.reader import is_remote
+
+# Inputs named by the data set rather than by a path.
+NAMED_DATA = frozenset({"digits", "digits:train", "digits:val"})
 
 # Fields that do not change what a stage writes: a rerun may change them freely.
 _LABEL_RUNTIME_FIELDS = frozenset({"out", "batch_size", "ray_address", "strict", "overwrite",
                                    "num_actors", "device", "progress"})
+
+
+def absolute_spec(spec: str | None) -> str | None:
+    """A path the user gave, as every process of every node reads it.
+
+    Ray workers do not run in the driver's working directory, so a relative local path is made
+    absolute on the driver, before any worker sees it. URLs (``s3://``, ``http(s)://``),
+    ``pipe:`` commands and named data sets (``digits``) pass through unchanged; a ``::`` list is
+    resolved item by item; a brace pattern is resolved as a path.
+    """
+    if spec is None or spec in NAMED_DATA or is_remote(spec):
+        return spec
+    if "::" in spec:
+        return "::".join(absolute_spec(part) for part in spec.split("::"))
+    return os.path.abspath(os.path.expanduser(spec))
+
+
+def _resolved(config, fields: tuple[str, ...]):
+    return replace(config, **{f: absolute_spec(getattr(config, f)) for f in fields})
 
 
 @dataclass(frozen=True)
@@ -80,6 +105,10 @@ class LabelConfig:
             raise ValueError(
                 f"--interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}"
             )
+
+    def resolved(self) -> "LabelConfig":
+        """This config with its local paths absolute (:func:`absolute_spec`)."""
+        return _resolved(self, ("data", "out", "teacher_weights"))
 
     def fingerprint(self) -> dict:
         """The fields that decide the output's content, as stored in the manifest."""
@@ -203,6 +232,10 @@ class TrainConfig:
                               ("--label-smoothing", self.label_smoothing)):
             if value < 0:
                 raise ValueError(f"{option} must be >= 0, got {value}")
+
+    def resolved(self) -> "TrainConfig":
+        """This config with its local paths absolute (:func:`absolute_spec`)."""
+        return _resolved(self, ("shards", "manifest", "out", "val", "teacher_weights", "finetune"))
 
     def model_overrides(self) -> dict:
         return {k: v for k, v in dict(img_size=self.img_size, patch_size=self.patch_size,

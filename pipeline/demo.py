@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from deitpipe.pipeline.analyze import analyze_student
-from deitpipe.pipeline.config import LabelConfig, TrainConfig
+from deitpipe.pipeline.config import LabelConfig, TrainConfig, absolute_spec
 from deitpipe.pipeline.evaluate import evaluate_student
 from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.raysession import ray_session
@@ -77,7 +77,7 @@ def student_config(demo: DemoConfig, *, shards: Path, out: Path, val: Path, dist
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns what results.json holds."""
     start = time.perf_counter()
-    out = Path(config.out)
+    out = Path(absolute_spec(config.out))  # every stage and worker sees the same directory
     data = digits_image_folder(out / "data", image_size=config.image_size, seed=config.seed)
     train_dir, val_dir = data / "train", data / "val"
     timings: dict[str, float] = {}

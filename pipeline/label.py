@@ -173,6 +173,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
         The final manifest (also written to ``out/manifest.json``), plus "run" statistics.
     """
     start = time.perf_counter()
+    config = config.resolved()  # Ray tasks do not share the driver's working directory
     out = Path(config.out)
     source = resolve_source(config.data, image_size=config.image_size, seed=config.seed)
     if not source.candidates:

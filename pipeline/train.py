@@ -112,6 +112,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
 
     from deitpipe.pipeline.raysession import ray_session
 
+    config = config.resolved()  # workers do not share the driver's working directory
     info = shard_info(config.shards, config.manifest)
     create_student(config.model, num_classes=info["num_classes"], **config.model_overrides())  # fail early
     mode = teacher_labels_mode(config, info["views"])
@@ -382,7 +383,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 def _train_loader(cfg, info, mode, *, img_size, epoch, rank, world, steps, device) -> DataLoader:
     augment = Augment(rand_augment=cfg.rand_augment, rand_augment_std=cfg.rand_augment_std,
-                      random_erasing=cfg.random_erasing)
+                      random_erasing=cfg.random_erasing, img_size=img_size)
     dataset = ShardReplay(urls=info["urls"], num_classes=info["num_classes"], num_views=info["views"],
                           teacher_labels=mode, img_size=img_size, batch_size=cfg.batch_size, steps=steps,
                           seed=cfg.seed, rank=rank, world_size=world, augment=augment, min_scale=cfg.min_scale)
