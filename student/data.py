@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from timm.data import RandAugment as TimmRandAugment
+from timm.data import rand_augment_ops
+from timm.data.auto_augment import rand_augment_choices
+from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from deitpipe.shards import schema
 from deitpipe.shards.image import cut_view, decode_image
@@ -36,47 +43,54 @@ TEACHER_LABELS = ("views", "global", "none")
 _FRESH_CROP_TAG = 0x5EED  # separates fresh-crop draws from the stored views' seeds
 
 
-class RandAugment(v2.RandAugment):
-    """torchvision's RandAugment on timm's magnitude scale, with timm's magnitude noise.
+class RandAugment:
+    """timm's RandAugment as DeiT configures it (``rand-m9-mstd0.5-inc1``), on uint8 tensors.
 
-    timm, and so DeiT's ``rand-m9-mstd0.5``, measures magnitude in levels 0..10 of each op's
-    range and applies each chosen op with probability 0.5. torchvision indexes ``magnitude`` into
-    31 bins, so its ``magnitude=9`` is 30% of the range where DeiT's is 90%. Here each op draws
-    its level from N(magnitude, magnitude_std), clipped to [0, 10], and is applied with
-    probability ``p``. The ops are torchvision's (it has Identity and lacks timm's Invert and
-    SolarizeAdd).
+    timm measures the level in 0..10 of each op's range, draws it per op from
+    N(magnitude, magnitude_std) clipped to [0, 10], and applies each of ``num_ops`` chosen ops
+    with probability ``p``. The op set is timm's "increasing" one, with Invert and SolarizeAdd,
+    as DeiT trained with. timm's ops work on PIL images and draw from Python's ``random`` and
+    numpy's global generators, which ``ShardReplay`` seeds per (seed, epoch, rank, worker).
 
     Args:
         num_ops: ops drawn per image (2 in DeiT).
         magnitude: level 0..10 (9 in DeiT).
         magnitude_std: standard deviation of the level per op (0.5 in DeiT; 0 for a fixed level).
         p: probability that a drawn op is applied (0.5 in timm).
-        interpolation, fill: as in torchvision's RandAugment.
+        img_size: the image size, which sets the translation range (0.45 of it, as timm).
+        mean: fill colour of the geometric ops, as fractions (timm fills with the mean).
+        interpolation: of the geometric ops ("bicubic" in DeiT).
     """
 
     LEVELS = 10
-    _STEPS_PER_LEVEL = 10  # levels are used to 0.1
 
     def __init__(self, *, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5,
-                 p: float = 0.5, interpolation: str = "bilinear", fill: object = None) -> None:
+                 p: float = 0.5, img_size: int = 224, mean: tuple[float, float, float] = IMAGENET_MEAN,
+                 interpolation: str = "bicubic") -> None:
         if not 0 <= magnitude <= self.LEVELS:
-            raise ValueError(f"--rand-augment magnitude must be in [0, {self.LEVELS}], got {magnitude}")
-        if magnitude_std < 0 or not 0 <= p <= 1:
-            raise ValueError(f"RandAugment needs magnitude_std >= 0 and p in [0, 1], got {magnitude_std}, {p}")
-        super().__init__(num_ops=1, magnitude=0, num_magnitude_bins=self.LEVELS * self._STEPS_PER_LEVEL + 1,
-                         interpolation=interpolation, fill=fill)
-        self.ops, self.level, self.level_std, self.p = num_ops, float(magnitude), float(magnitude_std), float(p)
+            raise ValueError(f"--rand-augment must be a level in [0, {self.LEVELS}], got {magnitude}")
+        if magnitude_std < 0 or not 0 <= p <= 1 or num_ops < 1:
+            raise ValueError(f"RandAugment needs num_ops >= 1, magnitude_std >= 0 and p in [0, 1], "
+                             f"got {num_ops}, {magnitude_std}, {p}")
+        hparams = {"translate_const": int(img_size * 0.45), "magnitude_std": float(magnitude_std),
+                   "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+                   "interpolation": str_to_pil_interp(interpolation)}
+        ops = rand_augment_ops(magnitude=float(magnitude), prob=float(p), hparams=hparams,
+                               transforms=rand_augment_choices("", increasing=True))
+        self.timm = TimmRandAugment(ops, num_layers=num_ops)
+        self.level, self.level_std, self.ops, self.p = float(magnitude), float(magnitude_std), num_ops, float(p)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.ops):
-            if float(torch.rand(())) >= self.p:
-                continue
-            level = self.level
-            if self.level_std > 0:
-                level = float(torch.normal(self.level, self.level_std, size=()))
-            self.magnitude = round(min(max(level, 0.0), self.LEVELS) * self._STEPS_PER_LEVEL)  # bin index
-            image = super().forward(image)
-        return image
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 -> (3, H, W) uint8."""
+        return F.pil_to_tensor(self.timm(F.to_pil_image(image)))
+
+
+def seed_host_generators(*, seed: int, epoch: int, rank: int, worker: int) -> None:
+    """Seed Python's and numpy's global generators (timm's RandAugment draws from them) from
+    (seed, epoch, rank, worker), so an epoch replays exactly after a resume."""
+    state = np.random.SeedSequence([seed, epoch, rank, worker, _FRESH_CROP_TAG]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,7 @@ class Augment:
         rand_augment_std: the level's noise per op (0.5 in DeiT).
         random_erasing: probability of random erasing (0.25 in DeiT), 0 for off.
         mean, std: normalisation.
+        img_size: the image size (RandAugment's translation range).
     """
 
     rand_augment: float | None = 9
@@ -96,12 +111,13 @@ class Augment:
     random_erasing: float = 0.25
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    img_size: int = 224
 
     def build(self) -> v2.Compose:
         ops: list = []
         if self.rand_augment is not None:
-            fill = [round(255 * m) for m in self.mean]  # timm fills with the mean colour
-            ops.append(RandAugment(magnitude=self.rand_augment, magnitude_std=self.rand_augment_std, fill=fill))
+            ops.append(RandAugment(magnitude=self.rand_augment, magnitude_std=self.rand_augment_std,
+                                   img_size=self.img_size, mean=self.mean))
         ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         if self.random_erasing > 0:
             ops.append(v2.RandomErasing(p=self.random_erasing, value="random"))
@@ -168,9 +184,12 @@ class ShardReplay(IterableDataset):
         quota = self._quota(worker, workers)
         if quota == 0:
             return
+        seed_host_generators(seed=self.seed, epoch=self.epoch, rank=self.rank, worker=worker)
         produced = 0
         # Cycle this worker's shards until its quota is met (a short rank rereads from its start).
-        for url in itertools.cycle(mine):
+        for n, url in enumerate(itertools.cycle(mine)):
+            if n == len(mine) and produced == 0:  # a whole pass yielded nothing: it never will
+                raise ValueError(f"shards {', '.join(shard_name(u) for u in mine)} hold no samples")
             raw = read_shard(url)
             order = epoch_sample_order(num_samples=len(raw), seed=self.seed, epoch=self.epoch,
                                        shard=shard_name(url))
