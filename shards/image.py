@@ -64,18 +64,26 @@ def sniff_image_type(data: bytes) -> str | None:
     return None
 
 
-def decode_image(data: bytes) -> Image.Image:
+# Pillow's own limit, read once: decode_image never changes the process-wide setting.
+DEFAULT_MAX_PIXELS: int | None = Image.MAX_IMAGE_PIXELS
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode image bytes to a fully loaded RGB image with the EXIF orientation applied.
 
     Args:
         data: Image file content of any type Pillow reads (the extension is irrelevant).
+        max_pixels: Largest width x height accepted; the size is read from the header and checked
+            before any pixel data is decoded, so a small file declaring a huge image (a
+            decompression bomb) costs nothing. None: no limit of ours (Pillow still refuses
+            images over twice its ``Image.MAX_IMAGE_PIXELS``).
 
     Returns:
         An RGB ``PIL.Image.Image`` whose pixels are loaded.
 
     Raises:
-        ImageDecodeError: "zero bytes", "not an image", "truncated: ...", "too large: ..." or
-            "unsupported mode ..." for anything that cannot be decoded.
+        ImageDecodeError: "zero bytes", "not an image", "truncated: ...", "decompression bomb: ..."
+            or "unsupported mode ..." for anything that cannot be decoded.
     """
     if len(data) == 0:
         raise ImageDecodeError("zero bytes")
@@ -83,18 +91,26 @@ def decode_image(data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"too large: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from None  # the warning, under -W error
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"truncated: {exc}") from None
+    _check_pixels(img, max_pixels)
     try:
         img.load()  # raises on truncated data: Pillow decodes lazily otherwise
         img = ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"too large: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"truncated: {exc}") from None
+    _check_pixels(img, max_pixels)  # a frame loaded may be larger than the header said
     return _to_rgb(img)
+
+
+def _check_pixels(img: Image.Image, max_pixels: int | None) -> None:
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(f"decompression bomb: {width}x{height} pixels exceeds --max-pixels {max_pixels}")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

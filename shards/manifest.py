@@ -3,7 +3,7 @@
 Keys the pipeline writes (all JSON):
 
 - ``schema_version`` (int, ``schema.SCHEMA_VERSION``), ``created`` (ISO time), ``config``
-  (``asdict`` of the run config), ``seed``
+  (``asdict`` of the run config), ``seed``, ``complete`` (false while shards are being written)
 - ``teacher``: ``{name, weights, weights_sha256, preprocessing}``
 - ``num_classes``, ``class_names``, ``views`` (V random views per sample), ``topk``,
   ``full_softmax``
@@ -11,6 +11,9 @@ Keys the pipeline writes (all JSON):
   reading order; ``candidates`` inputs from position ``first_index`` of the assignment order
   (``plan.assign_shards``), ``samples`` of them stored
 - ``inputs``: ``{found, labelled, skipped: [{path, reason}], ignored, ignored_examples}``
+
+:func:`read_manifest` checks the types of these keys (``shards`` entries need ``name`` and
+``samples``; other keys may be absent) so that a damaged manifest fails there, in one line.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ import hashlib
 import json
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from deitpipe.shards import schema
+from deitpipe.shards.atomic import atomic_writer
 from deitpipe.shards.reader import decode_sample, is_remote, iter_tar_samples, open_url
 
 
@@ -36,18 +41,11 @@ def _manifest_path(path: str | os.PathLike) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write JSON to ``path`` atomically and durably (``atomic.atomic_writer``: temporary file,
+    fsync, rename, fsync of the directory); on an error nothing is left but the old file."""
+    text = json.dumps(data, indent=2) + "\n"  # serialise first: a TypeError leaves no file at all
+    with atomic_writer(path, text=True) as f:
+        f.write(text)
 
 
 def write_manifest(out_dir: str | os.PathLike, data: dict[str, Any]) -> Path:
@@ -111,7 +109,9 @@ def _parse_manifest(text: str, where: str) -> dict[str, Any]:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{where}: manifest is not valid JSON ({exc}); relabel or restore it") from None
-    if not isinstance(data, dict) or "shards" not in data:
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: manifest must be a JSON object, got {type(data).__name__}; relabel or restore it")
+    if "shards" not in data:
         raise ManifestError(f"{where}: manifest has no 'shards' list; relabel or restore it")
     version = data.get("schema_version")
     if version != schema.SCHEMA_VERSION:
@@ -119,7 +119,80 @@ def _parse_manifest(text: str, where: str) -> dict[str, Any]:
             f"{where}: shard schema_version {version!r}, this deitpipe reads {schema.SCHEMA_VERSION}; "
             "relabel with this version"
         )
+    _check_fields(data, where)
     return data
+
+
+def _is_int(low: int | None) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low)
+
+
+def _is(kind: type) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, kind)
+
+
+def _is_file_name(v: Any) -> bool:
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and "\\" not in v
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# key -> (check, what it must be); keys absent from a manifest are not checked, except _REQUIRED_SHARD.
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_classes": (_is_int(1), "an integer >= 1"),
+    "views": (_is_int(0), "an integer >= 0"),
+    "topk": (_is_int(1), "an integer >= 1"),
+    "seed": (_is_int(None), "an integer"),
+    "class_names": (_is_str_list, "a list of strings"),
+    "complete": (_is(bool), "true or false"),
+    "full_softmax": (_is(bool), "true or false"),
+    "created": (_is(str), "a string"),
+    "teacher": (_is(dict), "an object"),
+    "config": (_is(dict), "an object"),
+    "inputs": (_is(dict), "an object"),
+}
+_SHARD_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "name": (_is_file_name, "a file name (a non-empty string without '/')"),
+    "samples": (_is_int(0), "an integer >= 0"),
+    "bytes": (_is_int(0), "an integer >= 0"),
+    "sha256": (_is(str), "a string"),
+    "first_index": (_is_int(0), "an integer >= 0"),
+    "candidates": (_is_int(0), "an integer >= 0"),
+    "skipped": (_is(list), "a list"),
+}
+_REQUIRED_SHARD = ("name", "samples")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_fields(data: dict[str, Any], where: str) -> None:
+    """Raise a one-line :class:`ManifestError` naming the first key of the wrong type.
+
+    An in-progress manifest (``complete`` false, few or no shards) is valid; so is one that omits
+    optional keys. Required: ``shards``, a list of objects each with ``name`` and ``samples``.
+    """
+    def fail(key: str, what: str, value: Any) -> ManifestError:
+        return ManifestError(f"{where}: {key!r} must be {what}, got {_show(value)}")
+
+    for key, (ok, what) in _FIELDS.items():
+        if key in data and not ok(data[key]):
+            raise fail(key, what, data[key])
+    if not isinstance(data["shards"], list):
+        raise fail("shards", "a list of shard entries", data["shards"])
+    for i, entry in enumerate(data["shards"]):
+        if not isinstance(entry, dict):
+            raise fail(f"shards[{i}]", "an object", entry)
+        for key in _REQUIRED_SHARD:
+            if key not in entry:
+                raise ManifestError(f"{where}: 'shards[{i}].{key}' is missing")
+        for key, (ok, what) in _SHARD_FIELDS.items():
+            if key in entry and not ok(entry[key]):
+                raise fail(f"shards[{i}].{key}", what, entry[key])
 
 
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:

@@ -2,15 +2,17 @@
 
 ``expand_urls(spec)`` -> ``iter_tar_samples(urls)`` (raw member bytes) -> ``decode_sample`` (numpy
 arrays, label, metadata; the image stays as its original bytes) -> ``teacher_distribution``.
-Nothing here unpickles: ``.npy`` members are loaded with ``allow_pickle=False``.
+Nothing here unpickles: ``.npy`` members with object dtypes are refused (``load_npy``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
+import shlex
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,12 @@ _NPY_MEMBERS = schema.VIEW_MEMBERS + (schema.SOFTMAX,)
 
 
 def open_url(url: str) -> str:
-    """Map a URL to one webdataset's ``gopen`` can open (``s3://`` streams through the aws CLI)."""
+    """Map a URL to one webdataset's ``gopen`` can open (``s3://`` streams through the aws CLI).
+
+    The URL is shell-quoted, so a key with spaces or ``;`` is one argument, not a command.
+    """
     if url.startswith("s3://"):
-        return f"pipe:aws s3 cp {url} -"
+        return f"pipe:aws s3 cp {shlex.quote(url)} -"
     return url
 
 
@@ -39,7 +44,7 @@ def is_remote(path: str | os.PathLike) -> bool:
 def shard_name(url: str) -> str:
     """The shard's file name in a path, URL or ``pipe:`` command (``pipe:aws s3 cp s3://b/x.tar -``
     names ``x.tar``): the key the manifest lists it under, and the same for every way to read it."""
-    names = re.findall(r"([^/\s]+\.tar)(?:\s|$)", url)
+    names = re.findall(r"([^/\s']+\.tar)'?(?:\s|$)", url)
     return names[-1] if names else os.path.basename(url)
 
 
@@ -163,22 +168,47 @@ def _split_ustar(data: bytes, url: str) -> list[dict[str, Any]] | None:
 def load_npy(data: bytes) -> np.ndarray:
     """Load ``.npy`` bytes without allowing pickled objects.
 
-    Every sample of a shard set has the same few headers, so each header is parsed once by numpy
-    (which refuses object arrays) and remembered; later members with that header are viewed
-    directly, without numpy's header parsing, which costs more than the arrays themselves here.
+    The header is parsed by numpy's own header reader (which evaluates no code), and the size it
+    declares is checked against the bytes present before anything is allocated, so a damaged or
+    hostile member cannot ask for terabytes. Every sample of a shard set has the same few headers:
+    each is parsed once and remembered, and the array is viewed directly from the bytes.
+
+    Raises:
+        ValueError: one line: not ``.npy``, an object (pickled) dtype, or fewer bytes than declared.
     """
     header = _npy_header(data)
-    layout = _NPY_HEADERS.get(header) if header else None
-    if layout is not None:
-        dtype, shape, order = layout
-        count = int(np.prod(shape))
-        if len(data) - len(header) == count * dtype.itemsize:
-            return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape, order=order).copy()
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
-    if header and len(_NPY_HEADERS) < 1024:
-        order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
-        _NPY_HEADERS[header] = (arr.dtype, arr.shape, order)
-    return arr
+    if header is None:
+        raise ValueError("npy member is not .npy data (no NUMPY magic)")
+    layout = _NPY_HEADERS.get(header)
+    if layout is None:
+        layout = _parse_npy_header(data)
+        if len(_NPY_HEADERS) < 1024:
+            _NPY_HEADERS[header] = layout
+    dtype, shape, order = layout
+    count = math.prod(shape)  # Python ints: no overflow for absurd shapes
+    declared, held = count * dtype.itemsize, len(data) - len(header)
+    if declared > held:
+        raise ValueError(f"npy member declares {declared} bytes but holds {held}")
+    if dtype.itemsize == 0:
+        return np.empty(shape, dtype=dtype, order=order)
+    return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape, order=order).copy()
+
+
+def _parse_npy_header(data: bytes) -> tuple[np.dtype, tuple[int, ...], str]:
+    """``(dtype, shape, order)`` from a ``.npy`` header, refusing object dtypes."""
+    fp = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"unsupported .npy version {version[0]}.{version[1]}")
+        # Version 3 differs from 2 only in allowing utf-8 in the header text.
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp)
+    except (ValueError, EOFError) as exc:
+        raise ValueError(f"npy member has an unreadable header: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    if dtype.hasobject:
+        raise ValueError("npy member holds Python objects, which cannot be loaded with allow_pickle=False")
+    return dtype, tuple(shape), "F" if fortran else "C"
 
 
 def _npy_header(data: bytes) -> bytes | None:

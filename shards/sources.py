@@ -7,10 +7,13 @@ decoding its bytes (``image.decode_image``); undecodable ones are skipped there 
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from collections.abc import Iterator
@@ -91,13 +94,20 @@ def is_non_image_name(name: str) -> bool:
 def list_image_folder(root: str | os.PathLike) -> tuple[list[Candidate], list[str], list[str]]:
     """List an ImageFolder tree ``root/<class>/**/<file>``.
 
+    Symbolic links are followed, but every directory is listed once and every file counts once,
+    so link loops end and a linked image is not labelled twice. Folders reached without a link
+    are listed first; a link to a folder already listed (a loop, a folder of the tree, another
+    class) is ignored. Where several paths reach one file (by real identity: links, hard links),
+    the candidate is the one not through a link, then the first by (class, path).
+
     Args:
         root: Directory whose non-hidden sub-folders are the classes (index = sorted name order).
 
     Returns:
         ``(candidates sorted by (class, relative path), class_names, ignored)``; ``ignored`` holds
-        files judged not images by name (:func:`is_non_image_name`), hidden folders, and files
-        directly under ``root``.
+        files judged not images by name (:func:`is_non_image_name`), hidden folders, files
+        directly under ``root``, unreadable folders, and the other paths to folders and files
+        already listed.
     """
     root = Path(root)
     if not root.is_dir():
@@ -107,19 +117,64 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[Candidate], list[st
     ignored = [p.name for p in entries if p not in class_dirs]
     if not class_dirs:
         raise ValueError(f"image folder {root} has no class sub-folders; expected {root}/<class>/<image>")
-    candidates: list[Candidate] = []
-    for label, cdir in enumerate(class_dirs):
-        found: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(cdir, followlinks=True):
-            rel_dir = Path(dirpath).relative_to(root)
-            ignored += [(rel_dir / d).as_posix() for d in dirnames if d.startswith(".")]
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for name in filenames:
-                rel = (rel_dir / name).as_posix()
-                (ignored if is_non_image_name(name) else found).append(rel)
-        for rel in sorted(found):
-            candidates.append(Candidate(path=rel, label=label, kind="file", ref=str(root / rel)))
+    found = _walk_classes(class_dirs, ignored)
+    candidates, seen = [], set()
+    for _, label, rel, identity in sorted(found, key=lambda f: f[:3]):  # not through a link first
+        if identity in seen:
+            ignored.append(rel)
+            continue
+        seen.add(identity)
+        candidates.append(Candidate(path=rel, label=label, kind="file", ref=str(root / rel)))
+    candidates.sort(key=lambda c: (c.label, c.path))
     return candidates, [p.name for p in class_dirs], sorted(ignored)
+
+
+def _walk_classes(class_dirs: list[Path], ignored: list[str]) -> list[tuple[bool, int, str, tuple[Any, ...]]]:
+    """Files under the class folders as ``(through a link, label, rel path, identity)``; appends
+    what it skips to ``ignored``. Folders reached without a link go first, so that a link into the
+    tree never claims a folder the tree holds; each real folder is listed once."""
+    direct = [(label, str(cdir), cdir.name) for label, cdir in reversed(list(enumerate(class_dirs)))]
+    linked: collections.deque[tuple[int, str, str]] = collections.deque()
+    visited: set[str] = set()
+    found: list[tuple[bool, int, str, tuple[Any, ...]]] = []
+    while direct or linked:
+        through_link = not direct
+        label, path, rel = direct.pop() if direct else linked.popleft()
+        real = os.path.realpath(path)
+        if real in visited:
+            ignored.append(rel)
+            continue
+        visited.add(real)
+        try:
+            with os.scandir(path) as it:
+                children = sorted(it, key=lambda e: e.name)
+            dev = os.stat(path).st_dev
+        except OSError:
+            ignored.append(rel)
+            continue
+        for entry in children:
+            child, link = f"{rel}/{entry.name}", entry.is_symlink()
+            if entry.is_dir():  # follows links
+                if entry.name.startswith("."):
+                    ignored.append(child)
+                else:
+                    (linked if through_link or link else direct).append((label, entry.path, child))
+            elif is_non_image_name(entry.name):
+                ignored.append(child)
+            else:
+                found.append((through_link or link, label, child, _file_identity(entry, dev, link)))
+    return found
+
+
+def _file_identity(entry: os.DirEntry, dev: int, link: bool) -> tuple[Any, ...]:
+    """``(st_dev, st_ino)`` of the file an entry reaches; a broken link is its own identity."""
+    if not link:
+        return dev, entry.inode()  # from the directory listing: no stat per file
+    try:
+        st = os.stat(entry.path)
+    except OSError:
+        return ("unreachable", entry.path)  # listed; reading it fails later, with a reason
+    return st.st_dev, st.st_ino
 
 
 @functools.lru_cache(maxsize=1)
@@ -206,16 +261,18 @@ def digits_image_folder(out_dir: str | os.PathLike, *, image_size: int = 32, see
     tmp = out / f".digits-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     _, target = _digits()
-    for split, indices in zip(("train", "val"), digits_split(seed=seed)):
-        for i in indices:
-            d = tmp / split / str(int(target[i]))
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"{i:06d}.png").write_bytes(render_digit(int(i), image_size=image_size))
-    marker.unlink(missing_ok=True)
-    for split in ("train", "val"):
-        shutil.rmtree(out / split, ignore_errors=True)  # only a stale build of ours (marker checked)
-        os.replace(tmp / split, out / split)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for split, indices in zip(("train", "val"), digits_split(seed=seed)):
+            for i in indices:
+                d = tmp / split / str(int(target[i]))
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"{i:06d}.png").write_bytes(render_digit(int(i), image_size=image_size))
+        marker.unlink(missing_ok=True)
+        for split in ("train", "val"):
+            shutil.rmtree(out / split, ignore_errors=True)  # only a stale build of ours (marker checked)
+            os.replace(tmp / split, out / split)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # also after a failure (a full disk): no half-built tree left
     from deitpipe.shards.manifest import write_json_atomic
 
     write_json_atomic(marker, settings)
@@ -238,23 +295,34 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
     candidates carry their image bytes in memory: fine for sets that fit in RAM; copy larger
     ones to local disk, uncompressed, first.
 
+    A key seen before in the same tar is skipped (the first sample with it is kept), so every
+    sample found is either a candidate or skipped with a reason.
+
     Args:
         urls: Brace pattern, path, ``pipe:`` command or ``s3://`` URL (see ``reader.expand_urls``).
 
     Returns:
         ``(candidates in stored order, skipped (path, reason))``; paths are ``url#key``.
+
+    Raises:
+        ValueError: One line naming the tar when one is missing, truncated or corrupt.
     """
     candidates: list[Candidate] = []
     skipped: list[tuple[str, str]] = []
     for url in reader.expand_urls(urls):
         local = url.removeprefix("file:")
-        seekable = os.path.isfile(local) and not _compressed(local)
-        samples = _indexed_tar(local) if seekable else reader.iter_tar_samples(url)
-        for sample in samples:
-            path = f"{url}#{sample['__key__']}"
+        if not reader.is_remote(url) and not os.path.isfile(local):
+            raise ValueError(f"tar {url} does not exist; check the path or brace pattern")
+        seekable = not reader.is_remote(url) and not _compressed(local)
+        keys: set[str] = set()
+        for sample in _tar_samples(url, local if seekable else None):
+            key = sample["__key__"]
+            path = f"{url}#{key}"
             label = _tar_label(sample)
             member = next((m for m in TAR_IMAGE_MEMBERS if m in sample), None)
-            if label is None or label < 0:
+            if key in keys:
+                skipped.append((path, f"duplicate sample key {key} in {url}"))
+            elif label is None or label < 0:
                 skipped.append((path, "no integer cls member"))
             elif member is None:
                 skipped.append((path, f"no image member (one of {', '.join(TAR_IMAGE_MEMBERS)})"))
@@ -264,6 +332,7 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
                                             offset=info.offset_data, length=info.size))
             else:
                 candidates.append(Candidate(path=path, label=label, kind="tar", ref=path, data=sample[member]))
+            keys.add(key)
     return candidates, skipped
 
 
@@ -274,28 +343,76 @@ def _compressed(path: str) -> bool:
     return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd"))
 
 
-def _indexed_tar(path: str) -> Iterator[dict[str, Any]]:
-    """Samples of a local tar as webdataset groups them, from its headers: image members as their
-    ``TarInfo`` (read later), ``cls`` as its bytes."""
+_META_NAME = re.compile(r"__[^/]*__($|/)")  # names webdataset skips
+
+
+def _tar_samples(url: str, local: str | None) -> Iterator[dict[str, Any]]:
+    """Samples of one tar (:func:`_grouped`), opened by path when ``local`` (an uncompressed tar on
+    disk: headers only, image members as their ``TarInfo``), else streamed (members as bytes).
+
+    Raises:
+        ValueError: the tar is truncated or corrupt, including where ``tarfile`` would quietly
+            stop at a damaged header: a tar must end with its end-of-archive block.
+    """
+    from webdataset.gopen import gopen
+
+    info_class, last_header = _header_watch()
+    try:
+        with contextlib.ExitStack() as stack:
+            if local is not None:
+                tar = stack.enter_context(tarfile.open(local, "r:", tarinfo=info_class))  # seeks over data
+            else:
+                stream = stack.enter_context(gopen(reader.open_url(url), "rb"))
+                tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class))
+            yield from _grouped(tar, keep_info=local is not None)
+            if not isinstance(last_header[0], tarfile.EOFHeaderError):
+                why = last_header[0] or "end of data"
+                raise tarfile.ReadError(f"{why} at byte {tar.offset} where its end-of-archive block should be")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ValueError(f"{url}: not a readable tar (truncated or corrupt): {exc}") from None
+
+
+def _header_watch() -> tuple[type[tarfile.TarInfo], list[tarfile.HeaderError | None]]:
+    """A ``TarInfo`` class for ``tarfile.open(tarinfo=...)`` and the list where it records why
+    reading headers stopped: an ``EOFHeaderError`` (a zero block) is the only clean end."""
+    last: list[tarfile.HeaderError | None] = [None]
+
+    class _Info(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            try:
+                info = super().fromtarfile(tar)
+            except tarfile.HeaderError as exc:
+                last[0] = exc
+                raise
+            last[0] = None
+            return info
+
+    return _Info, last
+
+
+def _grouped(tar: tarfile.TarFile, *, keep_info: bool) -> Iterator[dict[str, Any]]:
+    """Samples as webdataset groups them (a run of members sharing a key). A member the current
+    sample already has starts a new sample with the same key, which the caller skips as a
+    duplicate. ``cls`` is bytes; other members are bytes, or their ``TarInfo`` with ``keep_info``."""
     from webdataset.tariterators import base_plus_ext
 
-    try:
-        tar = tarfile.open(path, "r:")  # seeks over member data: headers only
-    except tarfile.TarError as exc:
-        raise ValueError(f"tar {path} cannot be read: {exc}") from None
-    with tar:
-        sample: dict[str, Any] = {}
-        for info in tar:
-            key, ext = base_plus_ext(info.name) if info.isfile() else (None, None)
-            if key is None:
-                continue
-            if sample and sample["__key__"] != key:
-                yield sample
-                sample = {}
-            sample.setdefault("__key__", key)
-            sample[ext.lower()] = tar.extractfile(info).read() if ext.lower() == "cls" else info
-        if sample:
+    sample: dict[str, Any] = {}
+    for info in tar:
+        tar.members = []  # tarfile keeps every header it reads; a long tar need not (as webdataset does)
+        if not info.isfile() or _META_NAME.match(info.name):
+            continue
+        key, ext = base_plus_ext(info.name)
+        if key is None:
+            continue
+        ext = ext.lower()
+        if sample and (sample["__key__"] != key or ext in sample):
             yield sample
+            sample = {}
+        sample["__key__"] = key
+        sample[ext] = info if keep_info and ext != "cls" else tar.extractfile(info).read()
+    if sample:
+        yield sample
 
 
 def read_bytes(candidate: Candidate) -> bytes:

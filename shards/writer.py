@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from deitpipe.shards import schema
+from deitpipe.shards.atomic import commit_file, discard_file, temp_path
 
 _FLOAT_MEMBERS = (schema.PROB, schema.REST, schema.SOFTMAX)
 _CLASS_MEMBERS = (schema.HARD, schema.TOPK)
@@ -140,15 +141,17 @@ class ShardFileWriter:
             w.write(encode_sample(...))
         w.count, w.sha256, w.record()
 
-    Samples go to ``.{name}.tmp-{pid}`` in ``out_dir``; on an exception that file is deleted and
-    nothing is left under ``name``.
+    Samples go to a temporary file (``.{name}.tmp-{pid}-{n}``) in ``out_dir``, which is fsynced,
+    renamed to ``name`` and followed by an fsync of ``out_dir``. On an exception, including one of
+    the final writes or the close (a full disk), that file is deleted, nothing is left under
+    ``name``, and the exception propagates.
     """
 
     def __init__(self, out_dir: str | os.PathLike, name: str) -> None:
         self.out_dir = Path(out_dir)
         self.name = name
         self.path = self.out_dir / name
-        self.tmp_path = self.out_dir / f".{name}.tmp-{os.getpid()}"
+        self.tmp_path = temp_path(self.path)
         self.count = 0
         self.sha256: str | None = None
         self.nbytes = 0
@@ -189,23 +192,16 @@ class ShardFileWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         assert self._raw is not None and self._hash is not None and self._tar is not None
-        ok = exc_type is None
-        try:
-            if ok:
-                self._tar.close()  # end-of-archive blocks
-                self._raw.flush()
-                os.fsync(self._raw.fileno())
-        except BaseException:
-            ok = False
-            raise
-        finally:
-            self._raw.close()
-            self._tar = None
-            if not ok:
-                self.tmp_path.unlink(missing_ok=True)
-        if not ok:
+        tar, self._tar = self._tar, None
+        if exc_type is not None:
+            discard_file(self._raw, self.tmp_path)
             return
-        os.replace(self.tmp_path, self.path)
+        try:
+            tar.close()  # end-of-archive blocks
+        except BaseException:
+            discard_file(self._raw, self.tmp_path)
+            raise
+        commit_file(self._raw, self.tmp_path, self.path)
         self.sha256 = self._hash.sha.hexdigest()
         self.nbytes = self._hash.size
 

@@ -121,3 +121,49 @@ def test_global_box_matches_resize_centercrop(hw, smooth_image):
     shift = max(h // 10, 1)
     off = cut_view(img, (top + shift, left, h - shift, w), False, 128).float()
     assert (off - ref).abs().mean() > 2 * err  # the comparison would notice a wrong box
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A ~100-byte 1-bit PNG whose header declares ``width`` x ``height``; its pixel data is cut
+    short, so decoding it (rather than refusing it from its header) would fail as "truncated"."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    import warnings
+
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    bomb = _png_declaring(20000, 20000)
+    assert len(bomb) < 200
+    with pytest.raises(ImageDecodeError, match=r"^decompression bomb: 8000x6000 pixels exceeds --max-pixels 1000000$"):
+        decode_image(_png_declaring(8000, 6000), max_pixels=1_000_000)
+    for max_pixels in (1_000_000, None):  # over twice Pillow's limit: Pillow's own error, as an ImageDecodeError
+        with pytest.raises(ImageDecodeError, match="^decompression bomb: .*400000000 pixels"):
+            decode_image(bomb, max_pixels=max_pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        # Between Pillow's limit and twice it Pillow only warns; the default limit refuses it.
+        with pytest.raises(ImageDecodeError, match="decompression bomb: 10000x10000 pixels exceeds --max-pixels"):
+            decode_image(_png_declaring(10000, 10000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's warning raised as an exception is converted too
+        with pytest.raises(ImageDecodeError, match="decompression bomb"):
+            decode_image(_png_declaring(10000, 10000), max_pixels=None)
+    assert Image.MAX_IMAGE_PIXELS == limit  # the process-wide setting is untouched
+
+
+def test_max_pixels_is_inclusive_and_leaves_other_images_alone(image_bytes):
+    assert decode_image(image_bytes["rgb_png"], max_pixels=64 * 48).size == (64, 48)
+    with pytest.raises(ImageDecodeError, match="64x48 pixels exceeds --max-pixels 3071"):
+        decode_image(image_bytes["rgb_png"], max_pixels=64 * 48 - 1)
+    with pytest.raises(ImageDecodeError, match="^truncated"):
+        decode_image(_png_declaring(100, 100))  # small enough: decoded, and its data is cut short

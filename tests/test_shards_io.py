@@ -253,3 +253,43 @@ def test_read_shard_of_a_truncated_shard_raises(shard_set, tmp_path):
         cut.write_bytes(whole[:size])
         with pytest.raises(ValueError, match=f"truncated shard: .*{where}"):
             read_shard(str(cut))
+
+
+def _npy_declaring(shape, dtype="<f4", payload=b"\0" * 8):
+    """``.npy`` bytes whose header declares ``shape`` but which hold only ``payload``."""
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + payload
+
+
+@pytest.mark.parametrize("shape, declared", [((10**12,), 4 * 10**12), ((10**10, 10**10), 4 * 10**20), ((3,), 12)])
+def test_load_npy_checks_the_declared_size_before_allocating(shape, declared):
+    from deitpipe.shards.reader import load_npy
+
+    for _ in range(2):  # the second read takes the remembered header
+        with pytest.raises(ValueError, match=f"^npy member declares {declared} bytes but holds 8$"):
+            load_npy(_npy_declaring(shape))
+
+
+def test_a_shard_member_declaring_a_huge_array_is_a_value_error(sample_maker):
+    raw = {**encode_sample(**sample_maker(0)), "__url__": "u"}
+    raw[schema.PROB] = _npy_declaring((10**12, 3), dtype="<f2")
+    with pytest.raises(ValueError, match="declares 6000000000000 bytes but holds 8"):
+        decode_sample(raw)
+    raw[schema.PROB] = _npy_declaring((1,), dtype="|O")
+    with pytest.raises(ValueError, match="allow_pickle"):
+        decode_sample(raw)
+
+
+def test_s3_urls_are_quoted_for_the_shell():
+    import shlex
+
+    from deitpipe.shards.reader import open_url, shard_name
+
+    assert open_url("s3://bucket/run/shard-000001.tar") == "pipe:aws s3 cp s3://bucket/run/shard-000001.tar -"
+    for url in ("s3://bucket/my run/shard-000001.tar", "s3://bucket/x;touch pwned;.tar", "s3://b/$(id)`id`'.tar"):
+        cmd = open_url(url)
+        assert cmd.startswith("pipe:") and shlex.split(cmd[5:]) == ["aws", "s3", "cp", url, "-"]
+    assert shard_name(open_url("s3://bucket/my run/shard-000001.tar")) == "shard-000001.tar"

@@ -150,3 +150,124 @@ def test_resolve_source(image_folder, tmp_path):
     assert folder.class_names == ["cat", "dog", "empty"] and "cat/notes.txt" in folder.ignored
     with pytest.raises(ValueError, match="nowhere/imgs"):
         resolve_source(str(tmp_path / "nowhere/imgs"))
+
+
+def _list_with_deadline(root, seconds=20.0):
+    """``list_image_folder`` in a thread, so that a listing that never ends fails the test instead of hanging it."""
+    import threading
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(out=list_image_folder(root)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "listing did not finish: a symlink loop is followed forever"
+    return result["out"]
+
+
+def test_image_folder_symlink_loops_end_and_count_each_image_once(tmp_path, image_bytes):
+    root, jpeg = tmp_path / "imgs", image_bytes["rgb_jpeg"]
+    for rel in ("cat/a.jpg", "dog/x/b.jpg", "dog/y/c.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(jpeg + rel.encode())
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "d.jpg").write_bytes(jpeg)
+    (root / "cat" / "self").symlink_to(".")  # a class folder holding a link to itself
+    (root / "cat" / "dogs").symlink_to("../dog")  # a link into another class
+    (root / "cat" / "more").symlink_to(tmp_path / "outside")  # a link out of the tree is followed
+    (root / "dog" / "x" / "to-y").symlink_to("../y")  # two folders linking to each other
+    (root / "dog" / "y" / "to-x").symlink_to("../x")
+    (root / "dog" / "b-again.jpg").symlink_to("x/b.jpg")  # a second path to one file
+    cands, classes, ignored = _list_with_deadline(root)
+    assert classes == ["cat", "dog"]
+    assert [(c.path, c.label) for c in cands] == [
+        ("cat/a.jpg", 0), ("cat/more/d.jpg", 0), ("dog/x/b.jpg", 1), ("dog/y/c.jpg", 1)
+    ]
+    assert ignored == ["cat/dogs", "cat/self", "dog/b-again.jpg", "dog/x/to-y", "dog/y/to-x"]
+    assert [read_bytes(c) for c in cands][2] == jpeg + b"dog/x/b.jpg"
+
+
+def test_image_folder_prefers_the_path_without_a_link(tmp_path, image_bytes):
+    root = tmp_path / "imgs"
+    (root / "cat" / "real").mkdir(parents=True)
+    (root / "cat" / "real" / "a.jpg").write_bytes(image_bytes["rgb_jpeg"])
+    (root / "cat" / "a-link").symlink_to("real")  # sorts before "real": still not the one listed
+    (root / "cat" / "a-file.jpg").symlink_to("real/a.jpg")
+    cands, _, ignored = _list_with_deadline(root)
+    assert [c.path for c in cands] == ["cat/real/a.jpg"] and ignored == ["cat/a-file.jpg", "cat/a-link"]
+
+
+def _tar_of(path, members):
+    """A tar of ``(name, bytes)`` members in the given order (duplicates allowed, unlike TarWriter)."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_webdataset_duplicate_keys_keep_the_first_and_are_skipped(tmp_path, image_bytes, streamed):
+    jpeg = image_bytes["rgb_jpeg"]
+    path = tmp_path / "train-0.tar"
+    _tar_of(path, [
+        ("a.cls", b"0"), ("a.jpg", jpeg + b"a1"),
+        ("b.cls", b"1"), ("b.jpg", jpeg + b"b1"),
+        ("b.cls", b"2"), ("b.jpg", jpeg + b"b2"),  # adjacent repeat
+        ("c.cls", b"2"), ("c.jpg", jpeg + b"c1"),
+        ("a.cls", b"2"), ("a.jpg", jpeg + b"a2"),  # repeat after other keys
+    ])
+    spec = f"pipe:cat {path}" if streamed else str(path)
+    cands, skipped = list_webdataset(spec)
+    assert [(c.path.rsplit("#", 1)[1], c.label) for c in cands] == [("a", 0), ("b", 1), ("c", 2)]
+    assert [read_bytes(c)[-2:] for c in cands] == [b"a1", b"b1", b"c1"]
+    assert skipped == [(f"{spec}#b", f"duplicate sample key b in {spec}"),
+                       (f"{spec}#a", f"duplicate sample key a in {spec}")]
+    src = resolve_source(spec)
+    assert len(src.candidates) + len(src.skipped) == 5  # every sample found: labelled or skipped
+
+
+def _truncations(path):
+    """(description, bytes) of ``path`` damaged where a copy or download can stop or go wrong."""
+    import tarfile
+
+    whole = path.read_bytes()
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    third = members[2]
+    garbage = bytearray(whole)
+    garbage[third.offset:third.offset + 512] = b"\xab" * 512
+    return [
+        ("inside a member's data", whole[: members[1].offset_data + 5]),
+        ("at a member boundary", whole[: third.offset]),
+        ("inside a header", whole[: third.offset + 100]),
+        ("before the end-of-archive block", whole[: members[-1].offset_data + -(-members[-1].size // 512) * 512]),
+        ("a corrupt header", bytes(garbage)),
+    ]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_truncated_or_corrupt_input_tar_is_one_line_naming_it(tmp_path, image_bytes, streamed):
+    good = tmp_path / "good.tar"
+    _write_tar(good, [{"__key__": f"k{i}", "jpg": image_bytes["rgb_jpeg"], "cls": b"1"} for i in range(3)])
+    assert len(list_webdataset(str(good))[0]) == 3
+    bad = tmp_path / "train-0.tar"
+    for where, data in _truncations(good):
+        bad.write_bytes(data)
+        spec = f"pipe:cat {bad}" if streamed else str(bad)
+        with pytest.raises(ValueError, match=r"train-0\.tar: not a readable tar \(truncated or corrupt\): ") as err:
+            list_webdataset(spec)
+        assert "\n" not in str(err.value), where
+
+
+def test_truncated_compressed_input_tar_is_one_line(tmp_path, image_bytes):
+    import gzip
+
+    plain = tmp_path / "plain.tar"
+    _write_tar(plain, [{"__key__": f"k{i}", "jpg": image_bytes["rgb_jpeg"], "cls": b"1"} for i in range(3)])
+    packed = gzip.compress(plain.read_bytes())
+    (tmp_path / "in.tar").write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(ValueError, match=r"in\.tar: not a readable tar \(truncated or corrupt\)"):
+        list_webdataset(str(tmp_path / "in.tar"))
