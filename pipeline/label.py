@@ -9,6 +9,7 @@ unit of planning and of resume: complete shards are skipped on a rerun.
 
 from __future__ import annotations
 
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 
 from deitpipe.pipeline.config import LabelConfig
+from deitpipe.pipeline.outdir import check_output_dir, is_temp_of, locked, remove_files
 from deitpipe.pipeline.progress import Progress
 from deitpipe.pipeline.raysession import quiet_ray_data, ray_session
 from deitpipe.shards import schema
 from deitpipe.shards.image import (
+    DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     cut_views,
     decode_image,
@@ -45,7 +48,8 @@ class LabelError(RuntimeError):
 
 
 def image_views(
-    data: bytes, *, key: str, seed: int, views: int, prep: Preprocessing, min_scale: float = 0.08
+    data: bytes, *, key: str, seed: int, views: int, prep: Preprocessing, min_scale: float = 0.08,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Decode one image and cut its global view plus ``views`` random views at the teacher's size.
 
@@ -56,12 +60,13 @@ def image_views(
         views: number of random views V.
         prep: teacher preprocessing (resize, crop, interpolation).
         min_scale: smallest crop area of a random view.
+        max_pixels: larger images are refused as decompression bombs.
     Returns:
         ``({"height", "width", "box" (V+1, 4), "flip" (V+1,)}, pixels (V+1, 3, S, S) uint8)``.
     Raises:
         ImageDecodeError: the bytes are not a decodable image.
     """
-    img = decode_image(data)
+    img = decode_image(data, max_pixels=max_pixels)
     width, height = img.size
     boxes, flips = random_view_boxes(seed=seed, key=key, num_views=views, height=height, width=width,
                                      scale=(min_scale, 1.0))
@@ -73,7 +78,7 @@ def image_views(
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, seed: int, views: int, prep: dict[str, Any],
-                 min_scale: float = 0.08) -> dict[str, np.ndarray]:
+                 min_scale: float = 0.08, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
     """Ray Data task: candidates -> view crops. Undecodable images come back with ``ok`` False."""
     prep_ = Preprocessing.from_dict(prep)
     n, s = len(batch["index"]), prep_.crop
@@ -88,7 +93,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, seed: int, views: int, prep: d
         cand = _candidate(batch, i)
         try:
             geo, pixels = image_views(read_bytes(cand), key=schema.sample_key(int(batch["index"][i])),
-                                      seed=seed, views=views, prep=prep_, min_scale=min_scale)
+                                      seed=seed, views=views, prep=prep_, min_scale=min_scale,
+                                      max_pixels=max_pixels)
         except (ImageDecodeError, OSError) as exc:
             out["reason"][i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             continue
@@ -186,17 +192,26 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
             f"--data has {len(source.class_names)} classes but teacher {info.name} has "
             f"{info.num_classes} outputs; fine-tune the teacher to the data's classes first"
         )
+    _check_apart(out, config.data, source)
+    check_output_dir(out, owned=_own_manifest(out / schema.MANIFEST_NAME) is not None,
+                     what=f"label-teacher {schema.MANIFEST_NAME}")
     plan = assign_shards(len(source.candidates), config.shard_size, seed=config.seed)
-    manifest = _open_output(out, config, source, info)
-    done = {e["name"] for e in manifest["shards"]}
-    todo = [s for s in range(len(plan)) if schema.shard_name(s) not in done]
-    written: list[dict[str, Any]] = []
-    if todo:
-        written = _label_shards(config, source, info, plan, todo, manifest, out, teacher_kwargs)
-    manifest["complete"] = True
-    manifest["inputs"] = _inputs_summary(source, manifest["shards"])
-    if written or not _is_complete(out):  # a rerun that finds everything done writes nothing
-        write_manifest(out, manifest)
+    with locked(out, command="deitpipe label-teacher"):
+        manifest = _open_output(out, config, source, info)
+        done = {e["name"] for e in manifest["shards"]}
+        todo = [s for s in range(len(plan)) if schema.shard_name(s) not in done]
+        written: list[dict[str, Any]] = []
+        if todo:
+            written = _label_shards(config, source, info, plan, todo, manifest, out, teacher_kwargs)
+        manifest["inputs"] = _inputs_summary(source, manifest["shards"])
+        if manifest["inputs"]["labelled"] == 0:  # shards without samples would stall a student
+            first = manifest["inputs"]["skipped"][:1]
+            why = f" (first: {first[0]['path']}: {first[0]['reason']})" if first else ""
+            raise LabelError(f"--data {config.data}: none of {manifest['inputs']['found']} inputs could be "
+                             f"labelled{why}; {out} is left incomplete")
+        manifest["complete"] = True
+        if written or not _is_complete(out):  # a rerun that finds everything done writes nothing
+            write_manifest(out, manifest)
     labelled = sum(len(plan[s]) for s in todo)
     seconds = time.perf_counter() - start
     return {**manifest, "run": {"shards_written": len(written), "shards_skipped": len(plan) - len(todo),
@@ -204,16 +219,35 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
                                 "images_per_s": round(labelled / seconds, 2) if todo else None}}
 
 
+def _check_apart(out: Path, data: str, source: Source) -> None:
+    """Refuse an --out that holds the inputs, or lies inside an input folder (a rerun would list
+    the shards as images)."""
+    folder = Path(data)
+    if folder.is_dir() and (out == folder or folder in out.parents):
+        raise LabelError(f"--out {out} lies inside --data {data}; choose an --out outside the input folder")
+    for cand in source.candidates:
+        if cand.kind in ("file", "tarmember") and out in Path(cand.ref).parents:
+            raise LabelError(f"--data {cand.ref} lies inside --out {out}; choose an --out apart from the inputs")
+
+
 def _overrides(config: LabelConfig) -> dict[str, Any]:
     return {"resize": config.resize, "crop": config.crop, "interpolation": config.interpolation}
 
 
+_SHARD_FILE = re.compile(r"shard-[0-9]{6}\.tar")  # schema.SHARD_PATTERN's names
+_OWN_FILES = re.compile(rf"shard-[0-9]{{6}}\.tar|{re.escape(schema.MANIFEST_NAME)}")
+
+
 def _open_output(out: Path, config: LabelConfig, source: Source, info: TeacherInfo) -> dict[str, Any]:
-    """Check ``out`` against this run and return the manifest to continue (kept shards only)."""
+    """Check ``out`` against this run and return the manifest to continue (kept shards only).
+
+    Only files label-teacher writes are ever removed: shards by their exact names (those not kept)
+    and leftovers of its atomic writes, and only in a directory holding its manifest or empty.
+    """
     existing = out / schema.MANIFEST_NAME
-    tars = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
-    if existing.is_file():
-        old = read_manifest(existing)
+    old = _own_manifest(existing)
+    check_output_dir(out, owned=old is not None, what=f"label-teacher {schema.MANIFEST_NAME}")
+    if old is not None:
         before = {k: old.get("config", {}).get(k) for k in config.fingerprint()}
         diff = sorted(k for k, v in config.fingerprint().items() if before.get(k) != v)
         if diff and not config.overwrite:
@@ -222,15 +256,13 @@ def _open_output(out: Path, config: LabelConfig, source: Source, info: TeacherIn
                 "differ); pass --overwrite to replace them or choose another --out"
             )
         kept = [] if diff else [e for e in old["shards"] if _shard_intact(out, e)]
-    elif tars and not config.overwrite:
-        raise LabelError(f"{out} holds shard files but no {schema.MANIFEST_NAME}; pass --overwrite to replace them")
     else:
         kept = []
     keep = {e["name"] for e in kept}
     out.mkdir(parents=True, exist_ok=True)
-    for path in out.iterdir():  # leftovers of an interrupted run, and shards being replaced
-        if ".tmp-" in path.name or (path.suffix == ".tar" and path.name not in keep):
-            path.unlink()
+    # Leftovers of an interrupted run, and shards being replaced: deitpipe's exact names only.
+    remove_files(p for p in out.iterdir()
+                 if (_SHARD_FILE.fullmatch(p.name) and p.name not in keep) or is_temp_of(p, _OWN_FILES))
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -242,6 +274,16 @@ def _open_output(out: Path, config: LabelConfig, source: Source, info: TeacherIn
     if not kept:
         write_manifest(out, manifest)
     return manifest
+
+
+def _own_manifest(path: Path) -> dict[str, Any] | None:
+    """label-teacher's manifest at ``path``, None when there is none; one line when it is not one."""
+    if not path.is_file():
+        return None
+    try:
+        return read_manifest(path)
+    except ValueError as exc:
+        raise LabelError(f"{path} is not a readable label-teacher manifest ({exc}); choose another --out") from exc
 
 
 def _shard_intact(out: Path, entry: dict[str, Any]) -> bool:
@@ -297,7 +339,8 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
         # into an actor stage with equal resource requests, so on a CPU-only cluster the tasks ask
         # for half a CPU (GPU actors differ by num_gpus anyway).
         ds = ds.map_batches(decode_batch, batch_size=8, num_cpus=1 if use_gpu else 0.5, fn_kwargs=dict(
-            seed=config.seed, views=config.views, prep=info.preprocessing.to_dict(), min_scale=config.min_scale))
+            seed=config.seed, views=config.views, prep=info.preprocessing.to_dict(), min_scale=config.min_scale,
+            max_pixels=config.max_pixels if config.max_pixels is not None else DEFAULT_MAX_PIXELS))
         ds = ds.map_batches(
             ViewTeacher, batch_size=max(1, config.batch_size // v), compute=ActorPoolStrategy(size=actors),
             num_gpus=1 if use_gpu else 0, num_cpus=1,

@@ -14,6 +14,7 @@ from PIL import Image
 
 from deitpipe.pipeline.config import LabelConfig
 from deitpipe.pipeline.label import LabelError, label_teacher
+from deitpipe.pipeline.outdir import LOCK_NAME
 from deitpipe.shards import schema
 from deitpipe.shards.image import cut_view, decode_image
 from deitpipe.shards.manifest import verify_shards
@@ -109,10 +110,10 @@ def test_rerun_rewrites_nothing_and_other_arguments_refuse(tmp_path):
     weights = _teacher(tmp_path, 10)
     out = tmp_path / "out"
     label_teacher(_config(data, out, weights))
-    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()}
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir() if p.name != LOCK_NAME}
     result = label_teacher(_config(data, out, weights, batch_size=5))  # runtime-only change
     assert result["run"]["shards_written"] == 0
-    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir()} == before
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_ino) for p in out.iterdir() if p.name != LOCK_NAME} == before
     with pytest.raises(LabelError, match="--views differ.*--overwrite"):
         label_teacher(_config(data, out, weights, views=3))
     result = label_teacher(_config(data, out, weights, views=3, overwrite=True))
