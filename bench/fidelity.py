@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from deitpipe.pipeline.config import LabelConfig
 from deitpipe.pipeline.demo import DemoConfig, _teacher, student_config
 from deitpipe.pipeline.label import label_teacher
-from deitpipe.pipeline.train import online_teacher_fn
+from deitpipe.pipeline.launch import online_teacher_fn
 from deitpipe.shards.reader import expand_urls
 from deitpipe.shards.sources import digits_image_folder
 from deitpipe.student import (DistillationLoss, build_optimizer, build_scheduler, create_student, evaluate,

@@ -3,7 +3,7 @@
 Both runs are ``train_one_epoch`` with the same student, loss, optimizer, mixup/cutmix, batch and
 shard loader (``ShardReplay`` + DataLoader, the same augmentations); the offline run reads the
 stored view labels, the online run reads no labels and calls the live teacher that train-student
-builds for ``--online-teacher`` (``pipeline.train.online_teacher_fn``) on every batch.
+builds for ``--online-teacher`` (``pipeline.launch.online_teacher_fn``) on every batch.
 
 Also timed alone, on one fixed batch: the teacher's forward (``t_teacher``; the same callable,
 and for reference the same model in channels-last layout, which the offline labeller uses) and
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from benchutil import StepClock, emit, header, photo_jpeg, save_random_teacher, write_synthetic_shards
 from deitpipe.pipeline.config import TrainConfig
-from deitpipe.pipeline.train import online_teacher_fn
+from deitpipe.pipeline.launch import online_teacher_fn
 from deitpipe.student import (
     DistillationLoss,
     MixupCutmix,

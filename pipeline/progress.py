@@ -6,11 +6,8 @@ progress to the driver (``pipeline.train.follow``), which shows it here.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -79,9 +76,19 @@ class Progress:
             self._line()
 
 
-def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line (flushed and fsynced, so a killed run keeps what it logged)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+class Feed:
+    """Moves a :class:`Progress` from (first step of this session, step, info) reports, as the
+    training core and Ray's progress board give them."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar, self.shown = bar, None
+
+    def __call__(self, start: int, step: int, info: dict[str, Any]) -> None:
+        if self.shown is None:
+            if step <= start:
+                return
+            self.bar.begin(start)  # the clock starts at the first step; steps before a resume are not this run's rate
+            self.shown = start
+        if step > self.shown:
+            self.bar.update(step - self.shown, **info)
+            self.shown = step

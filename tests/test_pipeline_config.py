@@ -28,7 +28,7 @@ def test_out_of_range_values_name_their_option(kw, option):
 
 
 def test_loader_workers_default_to_none_on_cpus_and_all_but_one_cpu_with_a_gpu():
-    from deitpipe.pipeline.train import default_loader_workers
+    from deitpipe.student.trainer import default_loader_workers
 
     assert TrainConfig().loader_workers is None
     assert default_loader_workers("cpu", 8) == 0

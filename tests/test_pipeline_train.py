@@ -70,6 +70,17 @@ def test_killed_mid_epoch_and_resumed_matches_uninterrupted(tmp_path):
     _assert_same_run(full, cut)
     for run in (full, cut):  # 3 epochs reported, the latest 2 kept (--keep-checkpoints)
         assert len([p for p in (run / "ray").glob("checkpoint_*") if p.is_dir()]) == 2
+    # The same core in this process, without Ray: the same losses and weights.
+    local = tmp_path / "local"
+    train_student(_config(shards, local, launcher="local"))
+    _assert_same_run(full, local)
+    assert [json.loads(line)["loss"] for line in (local / "metrics.jsonl").read_text().splitlines()] == \
+        pytest.approx([m["loss"] for m in _metrics(full)], rel=1e-5, abs=1e-5)
+    # A Ray run resumes under the local launcher from Ray's checkpoint, and the other way round.
+    mixed = tmp_path / "mixed"
+    train_student(_config(shards, mixed, stop_after_steps=7))
+    train_student(_config(shards, mixed, launcher="local"))
+    _assert_same_run(full, mixed)
 
 
 @pytest.mark.slow
@@ -208,7 +219,7 @@ class _Recorder:
 def test_the_driver_follows_rank_zeros_progress_from_a_resumed_step():
     import time
 
-    from deitpipe.pipeline.train import follow, progress_board
+    from deitpipe.pipeline.launch import follow, progress_board
 
     board = progress_board()
 
@@ -225,7 +236,7 @@ def test_the_driver_follows_rank_zeros_progress_from_a_resumed_step():
 
 
 def test_a_failure_in_fit_reaches_the_caller():
-    from deitpipe.pipeline.train import follow, progress_board
+    from deitpipe.pipeline.launch import follow, progress_board
 
     def fit():
         raise RuntimeError("worker died")

@@ -1,0 +1,25 @@
+"""Inputs and outputs as users name them: local paths, URLs, ``pipe:`` commands, named data sets."""
+
+from __future__ import annotations
+
+import os
+
+from deitpipe.shards.reader import is_remote
+
+# Inputs named by the data set rather than by a path.
+NAMED_DATA = frozenset({"digits", "digits:train", "digits:val"})
+
+
+def absolute_spec(spec: str | None) -> str | None:
+    """A path the user gave, as every process of every node reads it.
+
+    Ray workers do not run in the driver's working directory, so a relative local path is made
+    absolute on the driver, before any worker sees it. URLs (``s3://``, ``http(s)://``),
+    ``pipe:`` commands and named data sets (``digits``) pass through unchanged; a ``::`` list is
+    resolved item by item; a brace pattern is resolved as a path.
+    """
+    if spec is None or spec in NAMED_DATA or is_remote(spec):
+        return spec
+    if "::" in spec:
+        return "::".join(absolute_spec(part) for part in spec.split("::"))
+    return os.path.abspath(os.path.expanduser(spec))
