@@ -30,24 +30,30 @@ def analyze_student(*, run: str, data: str, out: str | None = None, max_images: 
         out: where analysis.json and the PNG plots go (default: ``run``).
         max_images: images used for the token similarity.
     Returns:
-        ``{"token_similarity": [...], "heads": {...}, "curves": {...}, "plots": [...]}``.
+        ``{"token_similarity": [...], "heads": {...}, "curves": {...}, "plots": [...],
+        "skipped": [{"path", "reason"}]}``; images that do not decode are skipped and listed.
     """
     model = resolve_student(run)
     if not model.distilled:
         raise ValueError(f"{run}: the student has no distillation token; analyze needs a distilled model")
     items, _ = eval_items(data)
-    loader = DataLoader(EvalImages(items, img_size=model.config.img_size,
-                                   crop_pct=0.875 if model.config.img_size >= 128 else 1.0), batch_size=128)
+    dataset = EvalImages(items, img_size=model.config.img_size,
+                         crop_pct=0.875 if model.config.img_size >= 128 else 1.0, skip_undecodable=True)
+    loader = DataLoader(dataset, batch_size=128)
     sims, seen = None, 0
-    for batch in loader:
+    for batch in dataset.decodable(loader, []):
         n = batch["image"].shape[0]
         s = model.token_similarity(batch["image"]) * n
         sims, seen = (s if sims is None else sims + s), seen + n
         if seen >= max_images:
             break
-    heads = evaluate(model, loader, device=torch.device("cpu"), num_classes=model.num_classes)
+    if not seen:
+        raise ValueError(f"--data {data}: no decodable images to analyse ({len(items)} found)")
+    skipped: list[dict[str, str]] = []
+    heads = evaluate(model, dataset.decodable(loader, skipped), device=torch.device("cpu"),
+                     num_classes=model.num_classes)
     curves = _curves(Path(run) / "metrics.jsonl")
-    report = {"run": run, "data": data, "images": seen,
+    report = {"run": run, "data": data, "images": seen, "skipped": skipped,
               "token_similarity": [round(float(v), 4) for v in (sims / seen)], "heads": heads, "curves": curves}
     dest = Path(out or run)
     dest.mkdir(parents=True, exist_ok=True)
@@ -112,11 +118,13 @@ def _save(fig, path: Path) -> str:
 def format_report(report: dict[str, Any]) -> str:
     h = report["heads"]
     sims = report["token_similarity"]
-    lines = [f"{report['run']} on {report['data']}",
+    skipped = report.get("skipped", [])
+    lines = [f"{report['run']} on {report['data']}{f' ({len(skipped)} skipped)' if skipped else ''}",
              "cos(class, distillation token) by layer: " + " ".join(f"{v:.2f}" for v in sims),
              f"{'head':<18} {'top-1 truth':>12} {'agree teacher':>14}"]
     for label, key in (("class", "cls"), ("distillation", "dist"), ("average", "avg")):
         agree = h.get(f"agree_teacher_{key}")
         lines.append(f"{label:<18} {h[f'top1_{key}']:>12.2f} " + (f"{agree:>14.2f}" if agree is not None else f"{'-':>14}"))
+    lines += [f"  skipped {item['path']}: {item['reason']}" for item in skipped[:10]]
     lines += [f"plot: {p}" for p in report["plots"]]
     return "\n".join(lines)

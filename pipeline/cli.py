@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -10,22 +11,46 @@ import click
 from deitpipe import __version__
 
 
+# Errors a user causes (bad input, a full disk, a missing file) are shown as they are; anything
+# else is named by its type, so an unexpected failure is still recognisable on one line.
+_USER_ERRORS = (ValueError, RuntimeError, OSError)
+DEBUG_ENV = "DEITPIPE_DEBUG"
+
+
+def _debug_from_env() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def one_line_error(exc: BaseException) -> str:
+    """The message printed after ``Error:`` for ``exc``: its first non-empty line, prefixed with
+    the exception type unless it is a ValueError, RuntimeError or OSError."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if isinstance(exc, _USER_ERRORS):
+        return text or type(exc).__name__
+    name = type(exc).__name__
+    return f"{name}{': ' + text if text else ''} (rerun with --debug for the traceback)"
+
+
 class _OneLineErrors(click.Group):
-    """Errors a user can cause are printed as one line, not a traceback."""
+    """Every error is printed as one line and exits 1, not a traceback, unless --debug is given
+    or DEITPIPE_DEBUG=1 is set; click's own exits (--help, usage errors, Ctrl-C) pass through."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, RuntimeError) as exc:
-            if isinstance(exc, (click.ClickException, click.exceptions.Exit)):  # Exit: --help, a RuntimeError
+        except (click.ClickException, click.exceptions.Exit, click.Abort):  # Exit, Abort: RuntimeErrors
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one boundary where every error becomes a line
+            if ctx.params.get("debug") or _debug_from_env():
                 raise
-            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise click.ClickException(message) from exc
+            raise click.ClickException(one_line_error(exc)) from exc
 
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="deitpipe")
-def main() -> None:
+@click.option("--debug", is_flag=True,
+              help=f"Show an error's full traceback instead of one line (also: {DEBUG_ENV}=1).")
+def main(debug: bool) -> None:
     """Offline DeiT distillation: label a data set once with a convnet teacher, then train
     DeiT students from the stored labels as often as you like."""
 
@@ -58,7 +83,10 @@ def main() -> None:
 @click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
               help="Where the teacher runs.")
 @click.option("--strict", is_flag=True, help="Fail on the first undecodable input instead of skipping it.")
-@click.option("--overwrite", is_flag=True, help="Replace an output made with other arguments.")
+@click.option("--max-pixels", type=int, default=None,
+              help="Skip images with more pixels as decompression bombs (default: Pillow's limit, about 89 Mpx).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace shards made with other arguments (deitpipe's own files only; others stay).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def label_teacher_cmd(no_progress: bool, **options) -> None:
     """Stage one: a teacher labels every image and its views into WebDataset shards."""
@@ -76,10 +104,16 @@ def label_teacher_cmd(no_progress: bool, **options) -> None:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
 
 
-def _model_options(f):
+def _model_options(f=None, *, model: str | None = "deit_tiny_distilled_patch16_224"):
+    """The student's variant and size options; ``model=None`` takes the variant from the run."""
+    if f is None:
+        return lambda g: _model_options(g, model=model)
+    variants = "deit_{tiny,small,base}[_distilled]_patch16_{224,384}"
     for option in reversed([
-        click.option("--model", default="deit_tiny_distilled_patch16_224", show_default=True,
-                     help="Student variant: deit_{tiny,small,base}[_distilled]_patch16_{224,384}."),
+        click.option("--model", default=model, show_default=model is not None,
+                     help=f"Student variant: {variants}." if model else
+                     f"Student variant: {variants} (default: the run's config.json, else "
+                     "deit_tiny_distilled_patch16_224)."),
         click.option("--img-size", type=int, default=None, help="Override the input size (e.g. 32 for digits)."),
         click.option("--patch-size", type=int, default=None, help="Override the patch size (e.g. 4 for 32 px)."),
         click.option("--embed-dim", type=int, default=None, help="Override the width."),
@@ -127,7 +161,11 @@ def _model_options(f):
 @click.option("--label-smoothing", type=float, default=0.1, show_default=True, help="Label smoothing on the class head.")
 @click.option("--online-teacher", default=None, help="Run this torchvision teacher live on each batch (the paper's method) instead of stored labels.")
 @click.option("--teacher-weights", default=None, help="Weights of --online-teacher.")
-@click.option("--num-workers", type=int, default=1, show_default=True, help="Ray Train workers (one per GPU).")
+@click.option("--launcher", type=click.Choice(["local", "torchrun", "ray"]), default="ray", show_default=True,
+              help="local: this process, no Ray; torchrun: one process per rank under 'torchrun --nproc-per-node N "
+                   "-m deitpipe train-student --launcher torchrun ...'; ray: Ray Train workers.")
+@click.option("--num-workers", type=int, default=1, show_default=True,
+              help="Ray Train workers (one per GPU); torchrun sets its own, local runs one.")
 @click.option("--use-gpu", is_flag=True, help="Train on GPUs (NCCL); default CPU (gloo).")
 @click.option("--cpus-per-worker", type=int, default=None, help="CPUs per worker (default: all / workers).")
 @click.option("--loader-workers", type=int, default=None,
@@ -159,9 +197,11 @@ def train_student_cmd(no_progress: bool, rand_augment: float, **options) -> None
 @main.command("evaluate")
 @click.option("--checkpoint", required=True, help="student.pt, a run directory, or a DeiT checkpoint file.")
 @click.option("--data", default="digits:val", show_default=True, help="ImageFolder, label-teacher shards, or 'digits:val'.")
-@_model_options
+@_model_options(model=None)
 @click.option("--num-classes", type=int, default=None, help="Head size (default: from the run's config or the weights).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Batch size.")
+@click.option("--strict", is_flag=True,
+              help="Stop at the first image that does not decode instead of skipping and listing it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def evaluate_cmd(as_json: bool, **options) -> None:
     """Top-1/top-5 of the class head, distillation head and their average."""

@@ -41,15 +41,23 @@ def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
         "found": inputs.get("found"), "labelled": inputs.get("labelled"),
         "skipped": len(inputs.get("skipped", [])), "ignored": inputs.get("ignored"),
     }
-    sample = _first_sample(out, manifest) if manifest["shards"] and not problems else None
+    sample = None
+    if not problems:
+        sample = _first_sample(out, manifest)
+        if sample is None:
+            problems.append(f"{out}: no samples in its {len(manifest['shards'])} shard(s); "
+                            "rerun label-teacher on data with decodable images")
     report = {"ok": not problems, "problems": problems, "warnings": warnings, "summary": summary,
               "sample": sample}
     report["text"] = _text(out, summary, problems, warnings, sample, manifest)
     return report
 
 
-def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    s = next(iter_samples(str(Path(out) / manifest["shards"][0]["name"])))
+def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The first sample of the first shard that holds one, or None when every shard is empty."""
+    s = next((s for shard in manifest["shards"] for s in iter_samples(str(Path(out) / shard["name"]))), None)
+    if s is None:
+        return None
     names = manifest.get("class_names") or []
     name = (lambda c: names[c] if c < len(names) else str(c))
     return {

@@ -50,26 +50,51 @@ def resample_pos_embed(
     return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
 
 
+_EXPECTED = ("expected the model's weights saved with torch.save(model.state_dict(), path), alone or under "
+             + ", ".join(repr(k) for k in _WRAPPER_KEYS))
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read weights from a file without unpickling code (``weights_only=True``).
 
     Accepts a plain state dict or a training checkpoint that keeps it under "model",
     "state_dict", "model_ema" or "state_dict_ema"; a DDP "module." prefix is removed.
+
+    Args:
+        path: the checkpoint file.
+    Returns:
+        ``{name: tensor}``.
+    Raises:
+        ValueError: one line naming the file, when it is missing, not a torch file, or holds
+            something other than a state dict. OSError and MemoryError pass through.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory; pass the weights file in it (e.g. {path / 'student.pt'})")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise ValueError(f"checkpoint {path} does not exist; pass the path of a weights file "
+                         "(a run's student.pt or a DeiT .pth)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - one line that names the file
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    except (OSError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises several types for a file it cannot read
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:200]
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); "
+                         "it must be a torch.save file holding tensors only") from e
     if isinstance(obj, dict):
         for key in _WRAPPER_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"checkpoint {path} holds no state dict (a mapping of names to tensors)")
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} is not a state dict (got {type(obj).__name__}); {_EXPECTED}")
+    if not obj:
+        raise ValueError(f"checkpoint {path} holds an empty dict; {_EXPECTED}")
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise ValueError(f"checkpoint {path} is not a state dict: under {k!r} it holds "
+                             f"{type(v).__name__}, not a tensor (keys {list(obj)[:5]}); {_EXPECTED}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -87,30 +112,46 @@ def load_checkpoint(
         model: a ``DeiT``.
         path: the checkpoint file.
         reset_heads: keep the model's own (freshly initialised) ``head``/``head_dist`` instead of
-            the checkpoint's, e.g. to fine-tune on another class count.
+            the checkpoint's, e.g. to fine-tune on another class count or from a headless backbone.
     Returns:
         ``model``, loaded.
+    Raises:
+        ValueError: one line naming the file, when it cannot be read (see :func:`read_state_dict`)
+            or its names or shapes do not fit the model.
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    heads = [k for k in state if k.split(".")[0] in ("head", "head_dist")]
-    if reset_heads:
-        for k in heads:
-            state[k] = own[k]
-    else:
-        bad = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
-               for k in heads if k in own and state[k].shape != own[k].shape]
-        if bad:
-            raise ValueError(
-                f"checkpoint {path} does not fit the model's heads: {'; '.join(bad)} "
-                "(set num_classes to match, or reset the heads to fine-tune)"
-            )
+    is_head = (lambda k: k.split(".")[0] in ("head", "head_dist"))
+    if reset_heads:  # also gives a headless backbone its heads
+        state = {k: v for k, v in state.items() if not is_head(k)} | {k: v for k, v in own.items() if is_head(k)}
+    heads = [k for k in state if is_head(k)]
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
+        if any(k.split(".")[0] in ("dist_token", "head_dist") for k in missing + unexpected):
+            fix = "is it a distilled model loaded into a plain one, or the reverse?"
+        elif not unexpected and all(is_head(k) for k in missing):
+            fix = "the file holds no classifier head; reset the heads to fine-tune from it"
+        else:
+            fix = "build the model with the variant and depth the checkpoint was trained with"
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} ({fix})")
+    # pos_embed may differ in its token count: the model resamples it while loading.
+    shapes = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(v.shape)} in the model"
+              for k, v in own.items() if k not in heads and state[k].shape != v.shape
+              and not (k == "pos_embed" and state[k].ndim == 3 and state[k].shape[-1] == v.shape[-1])]
+    if shapes:
         raise ValueError(
-            f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (is it a distilled model loaded into a plain one?)"
+            f"checkpoint {path} does not fit the model: {shapes[0]}"
+            f"{f' (and {len(shapes) - 1} more)' if len(shapes) > 1 else ''}; "
+            "build the model with the variant and sizes the checkpoint was trained with"
+        )
+    bad = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
+           for k in heads if state[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model's heads: {'; '.join(bad)} "
+            "(set num_classes to match, or reset the heads to fine-tune)"
         )
     model.load_state_dict(state, strict=True)
     return model

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import tarfile
 
+import pytest
 from click.testing import CliRunner
 
 from deitpipe import __version__
 from deitpipe.pipeline.cli import main
 from deitpipe.shards import schema
+from deitpipe.shards.manifest import write_manifest
+from deitpipe.shards.writer import ShardFileWriter, encode_sample
 
 
 def _run(*args):
@@ -63,3 +67,77 @@ def test_inspect_verifies_and_fails_on_corruption(tmp_path, shard_set_writer):
     (out / "shard-000001.tar").write_bytes(bytes(data))
     bad = _run("inspect", str(out))
     assert bad.exit_code == 1 and "sha256" in bad.output
+
+
+UNEXPECTED = [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (MemoryError(), "MemoryError"),
+    (KeyError("x"), "KeyError: 'x'"),
+    (TypeError("bad"), "TypeError: bad"),
+    (StopIteration(), "StopIteration"),
+    (tarfile.ReadError("file could not be opened successfully"), "ReadError: file could not be opened"),
+]
+
+
+def _failing_inspect(monkeypatch, exc):
+    def fail(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr("deitpipe.pipeline.inspect.inspect_shards", fail)
+
+
+@pytest.mark.parametrize("exc, text", UNEXPECTED, ids=[type(e).__name__ for e, _ in UNEXPECTED])
+def test_any_error_is_one_line(monkeypatch, tmp_path, exc, text):
+    monkeypatch.delenv("DEITPIPE_DEBUG", raising=False)
+    _failing_inspect(monkeypatch, exc)
+    result = _run("inspect", str(tmp_path))
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:") and text in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("exc", [e for e, _ in UNEXPECTED], ids=[type(e).__name__ for e, _ in UNEXPECTED])
+def test_debug_flag_and_env_show_the_original_exception(monkeypatch, tmp_path, exc):
+    _failing_inspect(monkeypatch, exc)
+    monkeypatch.delenv("DEITPIPE_DEBUG", raising=False)
+    flagged = _run("--debug", "inspect", str(tmp_path))
+    assert flagged.exception is exc and "Error:" not in flagged.output
+    from_env = CliRunner().invoke(main, ["inspect", str(tmp_path)], env={"DEITPIPE_DEBUG": "1"})
+    assert from_env.exception is exc and "Error:" not in from_env.output
+    off = CliRunner().invoke(main, ["inspect", str(tmp_path)], env={"DEITPIPE_DEBUG": "0"})
+    assert off.exit_code == 1 and off.output.startswith("Error:")
+
+
+def test_debug_is_documented():
+    assert "--debug" in _run("--help").output and "DEITPIPE_DEBUG" in _run("--help").output
+
+
+def _shard_set_with_empty_shards(out, sample_maker, counts):
+    entries, index = [], 0
+    for s, count in enumerate(counts):
+        with ShardFileWriter(out, schema.shard_name(s)) as w:
+            for _ in range(count):
+                w.write(encode_sample(**sample_maker(index)))
+                index += 1
+        entries.append({**w.record(), "first_index": index - count})
+    write_manifest(out, {"num_classes": 10, "views": 2, "topk": 3, "full_softmax": False, "shards": entries,
+                         "complete": True, "teacher": {"name": "resnet18"},
+                         "inputs": {"found": index, "labelled": index, "skipped": [], "ignored": 0}})
+
+
+def test_inspect_reads_the_first_shard_that_holds_a_sample(tmp_path, sample_maker):
+    out = tmp_path / "shards"
+    _shard_set_with_empty_shards(out, sample_maker, [0, 2])
+    result = _run("inspect", str(out))
+    assert result.exit_code == 0, result.output
+    assert "sample s000000000" in result.output and "OK: every shard verifies" in result.output
+
+
+def test_inspect_without_any_sample_is_not_ok(tmp_path, sample_maker):
+    out = tmp_path / "shards"
+    _shard_set_with_empty_shards(out, sample_maker, [0, 0])
+    result = _run("inspect", str(out), "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    assert not report["ok"] and report["sample"] is None and "no samples" in report["problems"][0]
