@@ -3,8 +3,8 @@
 1. split digits into train and held-out ImageFolder trees (fixed seed);
 2. train the convnet teacher on the train split;
 3. label the train split with views (label-teacher, local Ray);
-4. train two students from the same shards: no distillation, and hard distillation from the
-   stored views;
+4. train two students from the same shards in this process (the local launcher): no
+   distillation, and hard distillation from the stored views;
 5. evaluate teacher and students on the held-out split, print a table, write results.json and
    the analysis plots.
 Every stage is the library call behind its command, so a rerun of the demo resumes where it stopped.
@@ -70,7 +70,7 @@ def student_config(demo: DemoConfig, *, shards: Path, out: Path, val: Path, dist
         distillation=distillation, alpha=0.5, teacher_labels="views" if distillation != "none" else None,
         # On 1,200 small images the heavy ImageNet regularisers only slow learning down.
         rand_augment=None, random_erasing=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
-        seed=demo.seed, progress=demo.progress, num_workers=1,
+        seed=demo.seed, progress=demo.progress, num_workers=1, launcher="local",
     )
 
 
