@@ -9,6 +9,9 @@ import sys
 import click
 
 from deitpipe import __version__
+from deitpipe.pipeline.config import LabelConfig
+from deitpipe.pipeline.options import config_options
+from deitpipe.student.config import MODEL_FIELDS, TrainConfig
 
 
 # Errors a user causes (bad input, a full disk, a missing file) are shown as they are; anything
@@ -56,44 +59,12 @@ def main(debug: bool) -> None:
 
 
 @main.command("label-teacher")
-@click.option("--data", default="digits", show_default=True,
-              help="Input: 'digits' (embedded), 'digits:train', an ImageFolder directory, or "
-                   "WebDataset tars as a brace pattern (local, pipe: or s3://).")
-@click.option("--out", default="shards-out", show_default=True, help="Output directory for shards and manifest.json.")
-@click.option("--teacher", default="regnet_y_16gf", show_default=True, help="torchvision classification model name.")
-@click.option("--teacher-weights", default=None, help="Local weights file (state dict or checkpoint); "
-              "default: torchvision's weights from the torch hub cache.")
-@click.option("--num-classes", type=int, default=None, help="Teacher head size (default: from the weights).")
-@click.option("--views", type=int, default=8, show_default=True,
-              help="Random RandomResizedCrop views per image, stored besides the global view; 0 = global only.")
-@click.option("--min-scale", type=float, default=0.08, show_default=True,
-              help="Smallest crop area of a random view, as a fraction of the image.")
-@click.option("--topk", type=int, default=10, show_default=True, help="Stored top-k of each view's softmax.")
-@click.option("--full-softmax", is_flag=True, help="Also store each view's full softmax (float16).")
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Views per teacher forward pass.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the view boxes.")
-@click.option("--image-size", type=int, default=32, show_default=True, help="Size digits are scaled to.")
-@click.option("--resize", type=int, default=None, help="Override the teacher's resize (short side).")
-@click.option("--crop", type=int, default=None, help="Override the teacher's input (crop) size.")
-@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
-              help="Override the teacher's interpolation.")
-@click.option("--ray-address", default=None, help="Join this Ray cluster ('auto' or host:port); default: a local Ray.")
-@click.option("--num-actors", type=int, default=None, help="Teacher actors (default: one per GPU, or one).")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-              help="Where the teacher runs.")
-@click.option("--strict", is_flag=True, help="Fail on the first undecodable input instead of skipping it.")
-@click.option("--max-pixels", type=int, default=None,
-              help="Skip images with more pixels as decompression bombs (default: Pillow's limit, about 89 Mpx).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace shards made with other arguments (deitpipe's own files only; others stay).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def label_teacher_cmd(no_progress: bool, **options) -> None:
+@config_options(LabelConfig)
+def label_teacher_cmd(**options) -> None:
     """Stage one: a teacher labels every image and its views into WebDataset shards."""
-    from deitpipe.pipeline.config import LabelConfig
     from deitpipe.pipeline.label import label_teacher
 
-    result = label_teacher(LabelConfig(progress=not no_progress, **options))
+    result = label_teacher(LabelConfig(**options))
     inputs, run = result["inputs"], result["run"]
     click.echo(
         f"{options['out']}: {inputs['labelled']} labelled, {len(inputs['skipped'])} skipped, "
@@ -104,90 +75,13 @@ def label_teacher_cmd(no_progress: bool, **options) -> None:
         click.echo(f"  skipped {item['path']}: {item['reason']}")
 
 
-def _model_options(f=None, *, model: str | None = "deit_tiny_distilled_patch16_224"):
-    """The student's variant and size options; ``model=None`` takes the variant from the run."""
-    if f is None:
-        return lambda g: _model_options(g, model=model)
-    variants = "deit_{tiny,small,base}[_distilled]_patch16_{224,384}"
-    for option in reversed([
-        click.option("--model", default=model, show_default=model is not None,
-                     help=f"Student variant: {variants}." if model else
-                     f"Student variant: {variants} (default: the run's config.json, else "
-                     "deit_tiny_distilled_patch16_224)."),
-        click.option("--img-size", type=int, default=None, help="Override the input size (e.g. 32 for digits)."),
-        click.option("--patch-size", type=int, default=None, help="Override the patch size (e.g. 4 for 32 px)."),
-        click.option("--embed-dim", type=int, default=None, help="Override the width."),
-        click.option("--depth", type=int, default=None, help="Override the number of blocks."),
-        click.option("--num-heads", type=int, default=None, help="Override the attention heads."),
-    ]):
-        f = option(f)
-    return f
-
-
 @main.command("train-student")
-@click.option("--shards", default="shards-out", show_default=True,
-              help="label-teacher output directory, or a brace pattern of its shards (local, s3://, http(s)://, pipe:).")
-@click.option("--manifest", default=None,
-              help="The shards' manifest.json (path or URL) when it is not beside them, as with pipe: commands.")
-@click.option("--out", default="student-out", show_default=True, help="Run directory.")
-@click.option("--val", default=None, help="Held-out data evaluated each epoch: 'digits:val', an ImageFolder, or shards.")
-@_model_options
-@click.option("--drop-path", type=float, default=0.1, show_default=True, help="Stochastic depth rate.")
-@click.option("--epochs", type=int, default=300, show_default=True, help="Epochs.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size per worker.")
-@click.option("--lr", type=float, default=5e-4, show_default=True, help="Learning rate for a global batch of 512 (scaled linearly).")
-@click.option("--weight-decay", type=float, default=0.05, show_default=True, help="AdamW weight decay (not on norms, biases, tokens, position embedding).")
-@click.option("--warmup-epochs", type=float, default=None,
-              help="Linear warmup epochs before the cosine schedule (default: 5, or a tenth of --epochs when less).")
-@click.option("--min-lr", type=float, default=1e-5, show_default=True, help="Final learning rate of the cosine.")
-@click.option("--grad-clip", type=float, default=None, help="Clip the gradient norm to this value.")
-@click.option("--ema-decay", type=float, default=None, help="Keep an EMA of the weights with this decay (e.g. 0.99996); student.pt is then the EMA.")
-@click.option("--distillation", type=click.Choice(["none", "soft", "hard"]), default="hard", show_default=True,
-              help="Distillation token's target: none, soft (KL at --tau) or hard (teacher argmax).")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the distillation loss.")
-@click.option("--tau", type=float, default=1.0, show_default=True, help="Soft distillation temperature.")
-@click.option("--teacher-labels", type=click.Choice(["views", "global"]), default=None,
-              help="views: replay stored views (default when the shards have them); global: fresh crops with the global label (fixed teacher).")
-@click.option("--min-scale", type=float, default=0.08, show_default=True,
-              help="Smallest area of fresh random crops (--teacher-labels global, --distillation none).")
-@click.option("--rand-augment", type=float, default=9, show_default=True,
-              help="RandAugment level 0..10 on timm's scale (DeiT's rand-m9); -1 switches it off.")
-@click.option("--rand-augment-std", type=float, default=0.5, show_default=True,
-              help="Noise of the RandAugment level per op (timm's mstd; DeiT 0.5).")
-@click.option("--random-erasing", type=float, default=0.25, show_default=True, help="Random erasing probability.")
-@click.option("--mixup", type=float, default=0.8, show_default=True, help="Mixup alpha; 0 off.")
-@click.option("--cutmix", type=float, default=1.0, show_default=True, help="CutMix alpha; 0 off.")
-@click.option("--mixup-switch", type=float, default=0.5, show_default=True, help="Probability of CutMix when both are on.")
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True, help="Label smoothing on the class head.")
-@click.option("--online-teacher", default=None, help="Run this torchvision teacher live on each batch (the paper's method) instead of stored labels.")
-@click.option("--teacher-weights", default=None, help="Weights of --online-teacher.")
-@click.option("--launcher", type=click.Choice(["local", "torchrun", "ray"]), default="ray", show_default=True,
-              help="local: this process, no Ray; torchrun: one process per rank under 'torchrun --nproc-per-node N "
-                   "-m deitpipe train-student --launcher torchrun ...'; ray: Ray Train workers.")
-@click.option("--num-workers", type=int, default=1, show_default=True,
-              help="Ray Train workers (one per GPU); torchrun sets its own, local runs one.")
-@click.option("--use-gpu", is_flag=True, help="Train on GPUs (NCCL); default CPU (gloo).")
-@click.option("--cpus-per-worker", type=int, default=None, help="CPUs per worker (default: all / workers).")
-@click.option("--loader-workers", type=int, default=None,
-              help="DataLoader processes per worker (default: none on CPUs, the worker's CPUs - 1 with a GPU).")
-@click.option("--ray-address", default=None, help="Join this Ray cluster; default: a local Ray.")
-@click.option("--compile", is_flag=True, help="torch.compile the student.")
-@click.option("--channels-last", is_flag=True, help="channels-last memory format.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order, views and initialisation.")
-@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from the last checkpoint in --out.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing --out and start afresh.")
-@click.option("--finetune", default=None, help="Start from this checkpoint (e.g. 224 weights with --img-size 384).")
-@click.option("--keep-checkpoints", type=int, default=2, show_default=True,
-              help="Latest epoch checkpoints kept under --out/ray (each holds the optimizer state).")
-@click.option("--stop-after-steps", type=int, default=None, help="Stop after this many steps in total (a later run resumes).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_student_cmd(no_progress: bool, rand_augment: float, **options) -> None:
+@config_options(TrainConfig)
+def train_student_cmd(**options) -> None:
     """Stage two: train a DeiT student from the shards, with no teacher in the loop."""
-    from deitpipe.pipeline.config import TrainConfig
     from deitpipe.pipeline.train import train_student
 
-    config = TrainConfig(progress=not no_progress, rand_augment=None if rand_augment < 0 else rand_augment, **options)
-    result = train_student(config)
+    result = train_student(TrainConfig(**options))
     last = result["last"]
     val = "  ".join(f"{k[4:]} {last[k]:.2f}" for k in ("val_top1_cls", "val_top1_dist", "val_top1_avg") if k in last)
     click.echo(f"{result['out']}: {result['epochs_done']} epochs; loss {last.get('loss', float('nan')):.4f}"
@@ -197,7 +91,9 @@ def train_student_cmd(no_progress: bool, rand_augment: float, **options) -> None
 @main.command("evaluate")
 @click.option("--checkpoint", required=True, help="student.pt, a run directory, or a DeiT checkpoint file.")
 @click.option("--data", default="digits:val", show_default=True, help="ImageFolder, label-teacher shards, or 'digits:val'.")
-@_model_options(model=None)
+@config_options(TrainConfig, only=MODEL_FIELDS, defaults={"model": None}, helps={
+    "model": "Student variant: deit_{tiny,small,base}[_distilled]_patch16_{224,384} (default: the run's "
+             "config.json, else deit_tiny_distilled_patch16_224)."})
 @click.option("--num-classes", type=int, default=None, help="Head size (default: from the run's config or the weights).")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Batch size.")
 @click.option("--strict", is_flag=True,

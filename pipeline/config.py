@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from deitpipe.shards.specs import absolute_spec
-from deitpipe.student.config import TrainConfig, resolved_paths
+from deitpipe.student.config import TrainConfig, check_options, option, resolved_paths
 
 __all__ = ["LabelConfig", "TrainConfig", "absolute_spec"]
 
@@ -16,80 +16,41 @@ _LABEL_RUNTIME_FIELDS = frozenset({"out", "batch_size", "ray_address", "strict",
 
 @dataclass(frozen=True)
 class LabelConfig:
-    """What ``deitpipe label-teacher`` does.
+    """What ``deitpipe label-teacher`` does; each field's help text says what it means."""
 
-    Args:
-        data: "digits", an ImageFolder directory, or a WebDataset brace pattern.
-        out: output directory for shards and manifest.json.
-        teacher: torchvision classification model name.
-        teacher_weights: local state-dict file; None uses torchvision's weights (hub cache).
-        num_classes: teacher head size; None infers it from the weights.
-        views: random views per image, besides the global view.
-        min_scale: smallest crop area of a random view, as a fraction of the image (DeiT: 0.08).
-        topk: stored top-k of each view's softmax.
-        full_softmax: store the full softmax (float16) as well.
-        shard_size: samples per shard.
-        batch_size: views per teacher forward pass.
-        seed: seed of the view boxes.
-        image_size: size the digits are scaled to (digits only).
-        resize, crop, interpolation: teacher preprocessing overrides.
-        ray_address: join this Ray cluster ("auto" or host:port); None starts a local one.
-        num_actors: teacher actors; None: one per GPU, or one on CPU.
-        device: "auto", "cuda" or "cpu" for the teacher.
-        strict: fail on the first undecodable input instead of skipping it.
-        overwrite: replace an output written with other arguments.
-        progress: show a progress bar.
-        max_pixels: images with more pixels are skipped as decompression bombs (None: Pillow's
-            limit, ``PIL.Image.MAX_IMAGE_PIXELS``).
-    """
-
-    data: str = "digits"
-    out: str = "shards-out"
-    teacher: str = "regnet_y_16gf"
-    teacher_weights: str | None = None
-    num_classes: int | None = None
-    views: int = 8
-    min_scale: float = 0.08
-    topk: int = 10
-    full_softmax: bool = False
-    shard_size: int = 1000
-    batch_size: int = 64
-    seed: int = 0
-    image_size: int = 32
-    resize: int | None = None
-    crop: int | None = None
-    interpolation: str | None = None
-    ray_address: str | None = None
-    num_actors: int | None = None
-    device: str = "auto"
-    strict: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    max_pixels: int | None = None
+    data: str = option("digits", "Input: 'digits' (embedded), 'digits:train', an ImageFolder directory, or "
+                       "WebDataset tars as a brace pattern (local, pipe: or s3://).")
+    out: str = option("shards-out", "Output directory for shards and manifest.json.")
+    teacher: str = option("regnet_y_16gf", "torchvision classification model name.")
+    teacher_weights: str | None = option(None, "Local weights file (state dict or checkpoint); default: "
+                                         "torchvision's weights from the torch hub cache.")
+    num_classes: int | None = option(None, "Teacher head size (default: from the weights).", low=2)
+    views: int = option(8, "Random RandomResizedCrop views per image, stored besides the global view; 0 = global "
+                        "only.", low=0)
+    min_scale: float = option(0.08, "Smallest crop area of a random view, as a fraction of the image.", low=0,
+                              high=1, open_low=True)
+    topk: int = option(10, "Stored top-k of each view's softmax.", low=1)
+    full_softmax: bool = option(False, "Also store each view's full softmax (float16).")
+    shard_size: int = option(1000, "Samples per shard.", low=1)
+    batch_size: int = option(64, "Views per teacher forward pass.", low=1)
+    seed: int = option(0, "Seed of the view boxes.")
+    image_size: int = option(32, "Size digits are scaled to.", low=8)
+    resize: int | None = option(None, "Override the teacher's resize (short side).", low=1)
+    crop: int | None = option(None, "Override the teacher's input (crop) size.", low=1)
+    interpolation: str | None = option(None, "Override the teacher's interpolation.",
+                                       choices=("bilinear", "bicubic", "nearest"))
+    ray_address: str | None = option(None, "Join this Ray cluster ('auto' or host:port); default: a local Ray.")
+    num_actors: int | None = option(None, "Teacher actors (default: one per GPU, or one).", low=1)
+    device: str = option("auto", "Where the teacher runs.", choices=("auto", "cuda", "cpu"))
+    strict: bool = option(False, "Fail on the first undecodable input instead of skipping it.")
+    max_pixels: int | None = option(None, "Skip images with more pixels as decompression bombs (default: Pillow's "
+                                    "limit, about 89 Mpx).", low=1)
+    overwrite: bool = option(False, "Replace shards made with other arguments (deitpipe's own files only; others "
+                             "stay).")
+    progress: bool = option(True, "No progress bar.", flag="--no-progress")
 
     def __post_init__(self) -> None:
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
-        checks = {
-            "--views": (self.views, 0), "--topk": (self.topk, 1),
-            "--shard-size": (self.shard_size, 1), "--batch-size": (self.batch_size, 1),
-            "--image-size": (self.image_size, 8),
-        }
-        for option, (value, low) in checks.items():
-            if value < low:
-                raise ValueError(f"{option} must be >= {low}, got {value}")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"--min-scale must be in (0, 1], got {self.min_scale}")
-        if self.num_classes is not None and self.num_classes < 2:
-            raise ValueError(f"--num-classes must be >= 2, got {self.num_classes}")
-        if self.num_actors is not None and self.num_actors < 1:
-            raise ValueError(f"--num-actors must be >= 1, got {self.num_actors}")
-        if self.device not in ("auto", "cuda", "cpu"):
-            raise ValueError(f"--device must be auto, cuda or cpu, got {self.device!r}")
-        if self.interpolation not in (None, "bilinear", "bicubic", "nearest"):
-            raise ValueError(
-                f"--interpolation must be bilinear, bicubic or nearest, got {self.interpolation!r}"
-            )
+        check_options(self)
 
     def resolved(self) -> "LabelConfig":
         """This config with its local paths absolute (:func:`absolute_spec`)."""

@@ -1,151 +1,158 @@
-"""What ``deitpipe train-student`` does: one frozen dataclass, checked when built."""
+"""What ``deitpipe train-student`` does: one frozen dataclass, checked when built.
+
+Each field is declared once, with its default, its help text and its allowed values
+(:func:`option`); the command line's options are made from these declarations
+(``pipeline/options.py``), and :func:`check_options` validates them for every caller alike.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from deitpipe.shards.specs import absolute_spec
 
 
-def resolved_paths(config, fields: tuple[str, ...]):
+def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, open_low: bool = False, open_high: bool = False,
+           flag: str | None = None, off: Any = None) -> Any:
+    """A config field with what its command-line option needs.
+
+    Args:
+        default: the field's default (also the option's).
+        help: the option's help text.
+        choices: the allowed values (None is always allowed where the default is None).
+        low, high: the allowed range; ``open_low``/``open_high`` exclude the bound itself.
+        flag: the option's declaration when it is not ``--field-name`` (e.g.
+            ``"--resume/--no-resume"``, or ``"--no-progress"`` for a field that a flag turns off).
+        off: a command-line value that stands for None (e.g. -1 for "switched off").
+    """
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "open_low": open_low,
+            "open_high": open_high, "flag": flag, "off": off}
+    return field(default=default, metadata=meta)
+
+
+def option_name(f) -> str:
+    """The command-line option of a config field, for messages."""
+    flag = f.metadata.get("flag")
+    return flag.split("/")[0] if flag else "--" + f.name.replace("_", "-")
+
+
+def check_options(config: Any) -> None:
+    """Check every field of ``config`` against its declaration; raise one line naming the option."""
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if value is None or not meta:
+            continue
+        name = option_name(f)
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}")
+        low, high = meta.get("low"), meta.get("high")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (low is not None or high is not None):
+            below = low is not None and (value <= low if meta["open_low"] else value < low)
+            above = high is not None and (value >= high if meta["open_high"] else value > high)
+            if below or above or (isinstance(value, float) and math.isnan(value)):
+                raise ValueError(f"{name} must be {_range_text(meta)}, got {value}")
+
+
+def _range_text(meta: dict) -> str:
+    low, high = meta["low"], meta["high"]
+    if high is None:
+        return f"{'>' if meta['open_low'] else '>='} {low:g}"
+    if low is None:
+        return f"{'<' if meta['open_high'] else '<='} {high:g}"
+    return f"in {'(' if meta['open_low'] else '['}{low:g}, {high:g}{')' if meta['open_high'] else ']'}"
+
+
+def resolved_paths(config, names: tuple[str, ...]):
     """``config`` with the named path fields made absolute (:func:`absolute_spec`)."""
-    return replace(config, **{f: absolute_spec(getattr(config, f)) for f in fields})
+    return replace(config, **{n: absolute_spec(getattr(config, n)) for n in names})
+
+
+MODEL_FIELDS = ("model", "img_size", "patch_size", "embed_dim", "depth", "num_heads")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What ``deitpipe train-student`` does.
+    """What ``deitpipe train-student`` does; each field's help text says what it means."""
 
-    Args:
-        shards: a label-teacher output directory, or a brace pattern of its shards (local,
-            ``s3://``, ``http(s)://`` or a ``pipe:`` command).
-        manifest: the manifest's path or URL, when it is not beside the shards (``pipe:``).
-        out: the run directory (student.pt, config.json, metrics.jsonl, checkpoints).
-        val: held-out data for per-epoch evaluation ("digits:val", ImageFolder, shards), or None.
-        model: a named DeiT variant; the overrides below reshape it for small images.
-        img_size, patch_size, embed_dim, depth, num_heads, drop_path: model overrides.
-        epochs, batch_size (per worker), lr (for a global batch of 512), weight_decay,
-        warmup_epochs, min_lr, grad_clip, ema_decay: the optimisation recipe (warmup_epochs
-            None: DeiT's 5, or a tenth of --epochs when that is less).
-        distillation, alpha, tau: the loss ("none", "soft" or "hard").
-        teacher_labels: "views" (replay stored views), "global" (fixed teacher), or None for
-            views when the shards have them, else global.
-        min_scale: smallest area of the fresh random crops ("global" labels, no distillation).
-        rand_augment, random_erasing, mixup, cutmix, mixup_switch, label_smoothing: the DeiT
-            recipe's augmentations; 0 or None switches one off (rand_augment is a level 0..10 on
-            timm's scale, None for off; rand_augment_std its noise per op, timm's mstd).
-        online_teacher, teacher_weights: run this torchvision teacher live on the student's
-            batch instead of reading stored labels (the paper's original method).
-        num_workers, use_gpu, cpus_per_worker, loader_workers, ray_address: where it runs
-            (loader_workers None: see ``pipeline.train.default_loader_workers``).
-        compile, channels_last: speed options.
-        seed: data order, views and initialisation.
-        resume: continue from the last checkpoint in ``out`` (a rerun of the same ``out`` does
-            too); False with an existing run refuses unless ``overwrite``.
-        finetune: start from this checkpoint (position embedding resampled to img_size).
-        stop_after_steps: stop, as if killed, after this many optimizer steps in total.
-        keep_checkpoints: how many of the latest epoch checkpoints to keep.
-        progress: show a progress bar.
-        launcher: "local" (this process, no Ray), "torchrun" (under ``torchrun``) or "ray"
-            (Ray Train workers).
-    """
-
-    shards: str = "shards-out"
-    manifest: str | None = None
-    out: str = "student-out"
-    val: str | None = None
-    model: str = "deit_tiny_distilled_patch16_224"
-    img_size: int | None = None
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    drop_path: float = 0.1
-    epochs: int = 300
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.05
-    warmup_epochs: float | None = None
-    min_lr: float = 1e-5
-    grad_clip: float | None = None
-    ema_decay: float | None = None
-    distillation: str = "hard"
-    alpha: float = 0.5
-    tau: float = 1.0
-    teacher_labels: str | None = None
-    min_scale: float = 0.08
-    rand_augment: float | None = 9
-    rand_augment_std: float = 0.5
-    random_erasing: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_switch: float = 0.5
-    label_smoothing: float = 0.1
-    online_teacher: str | None = None
-    teacher_weights: str | None = None
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: int | None = None
-    loader_workers: int | None = None
-    ray_address: str | None = None
-    compile: bool = False
-    channels_last: bool = False
-    seed: int = 0
-    resume: bool = True
-    overwrite: bool = False
-    finetune: str | None = None
-    stop_after_steps: int | None = None
-    keep_checkpoints: int = 2
-    progress: bool = True
-    launcher: str = "ray"
+    shards: str = option("shards-out", "label-teacher output directory, or a brace pattern of its shards "
+                         "(local, s3://, http(s)://, pipe:).")
+    manifest: str | None = option(None, "The shards' manifest.json (path or URL) when it is not beside them, "
+                                  "as with pipe: commands.")
+    out: str = option("student-out", "Run directory.")
+    val: str | None = option(None, "Held-out data evaluated each epoch: 'digits:val', an ImageFolder, or shards.")
+    model: str = option("deit_tiny_distilled_patch16_224",
+                        "Student variant: deit_{tiny,small,base}[_distilled]_patch16_{224,384}.")
+    img_size: int | None = option(None, "Override the input size (e.g. 32 for digits).", low=8)
+    patch_size: int | None = option(None, "Override the patch size (e.g. 4 for 32 px).", low=1)
+    embed_dim: int | None = option(None, "Override the width.", low=1)
+    depth: int | None = option(None, "Override the number of blocks.", low=1)
+    num_heads: int | None = option(None, "Override the attention heads.", low=1)
+    drop_path: float = option(0.1, "Stochastic depth rate.", low=0, high=1, open_high=True)
+    epochs: int = option(300, "Epochs.", low=1)
+    batch_size: int = option(64, "Batch size per worker.", low=1)
+    lr: float = option(5e-4, "Learning rate for a global batch of 512 (scaled linearly).", low=0, open_low=True)
+    weight_decay: float = option(0.05, "AdamW weight decay (not on norms, biases, tokens, position embedding).",
+                                 low=0)
+    warmup_epochs: float | None = option(None, "Linear warmup epochs before the cosine schedule (default: 5, or a "
+                                         "tenth of --epochs when less).", low=0)
+    min_lr: float = option(1e-5, "Final learning rate of the cosine.", low=0)
+    grad_clip: float | None = option(None, "Clip the gradient norm to this value.", low=0, open_low=True)
+    ema_decay: float | None = option(None, "Keep an EMA of the weights with this decay (e.g. 0.99996); student.pt "
+                                     "is then the EMA.", low=0, high=1, open_low=True, open_high=True)
+    distillation: str = option("hard", "Distillation token's target: none, soft (KL at --tau) or hard (teacher "
+                               "argmax).", choices=("none", "soft", "hard"))
+    alpha: float = option(0.5, "Weight of the distillation loss.", low=0, high=1)
+    tau: float = option(1.0, "Soft distillation temperature.", low=0, open_low=True)
+    teacher_labels: str | None = option(None, "views: replay stored views (default when the shards have them); "
+                                        "global: fresh crops with the global label (fixed teacher).",
+                                        choices=("views", "global"))
+    min_scale: float = option(0.08, "Smallest area of fresh random crops (--teacher-labels global, --distillation "
+                              "none).", low=0, high=1, open_low=True)
+    rand_augment: float | None = option(9, "RandAugment level 0..10 on timm's scale (DeiT's rand-m9); -1 switches "
+                                        "it off.", low=0, high=10, off=-1)
+    rand_augment_std: float = option(0.5, "Noise of the RandAugment level per op (timm's mstd; DeiT 0.5).", low=0)
+    random_erasing: float = option(0.25, "Random erasing probability.", low=0, high=1)
+    mixup: float = option(0.8, "Mixup alpha; 0 off.", low=0)
+    cutmix: float = option(1.0, "CutMix alpha; 0 off.", low=0)
+    mixup_switch: float = option(0.5, "Probability of CutMix when both are on.", low=0, high=1)
+    label_smoothing: float = option(0.1, "Label smoothing on the class head.", low=0, high=1, open_high=True)
+    online_teacher: str | None = option(None, "Run this torchvision teacher live on each batch (the paper's method) "
+                                        "instead of stored labels.")
+    teacher_weights: str | None = option(None, "Weights of --online-teacher.")
+    launcher: str = option("ray", "local: this process, no Ray; torchrun: one process per rank under 'torchrun "
+                           "--nproc-per-node N -m deitpipe train-student --launcher torchrun ...'; ray: Ray Train "
+                           "workers.", choices=("local", "torchrun", "ray"))
+    num_workers: int = option(1, "Ray Train workers (one per GPU); torchrun sets its own, local runs one.", low=1)
+    use_gpu: bool = option(False, "Train on GPUs (NCCL); default CPU (gloo).")
+    cpus_per_worker: int | None = option(None, "CPUs per worker (default: all / workers).", low=1)
+    loader_workers: int | None = option(None, "DataLoader processes per worker (default: none on CPUs, the "
+                                        "worker's CPUs - 1 with a GPU).", low=0)
+    ray_address: str | None = option(None, "Join this Ray cluster; default: a local Ray.")
+    compile: bool = option(False, "torch.compile the student.")
+    channels_last: bool = option(False, "channels-last memory format.")
+    seed: int = option(0, "Seed of data order, views and initialisation.")
+    resume: bool = option(True, "Continue from the last checkpoint in --out.", flag="--resume/--no-resume")
+    overwrite: bool = option(False, "Replace the run in --out (deitpipe's own files only; others stay).")
+    finetune: str | None = option(None, "Start from this checkpoint (e.g. 224 weights with --img-size 384).")
+    keep_checkpoints: int = option(2, "Latest epoch checkpoints kept (each holds the optimizer state).", low=1)
+    stop_after_steps: int | None = option(None, "Stop after this many steps in total (a later run resumes).", low=1)
+    progress: bool = option(True, "No progress bar.", flag="--no-progress")
 
     def __post_init__(self) -> None:
-        for option, value, low in (("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
-                                   ("--num-workers", self.num_workers, 1),
-                                   ("--loader-workers", self.loader_workers, 0),
-                                   ("--keep-checkpoints", self.keep_checkpoints, 1)):
-            if value is not None and value < low:
-                raise ValueError(f"{option} must be >= {low}, got {value}")
-        if self.launcher not in ("local", "torchrun", "ray"):
-            raise ValueError(f"--launcher must be local, torchrun or ray, got {self.launcher!r}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        check_options(self)
         if self.warmup_epochs is None:  # DeiT's 5, or a tenth of a shorter run
             object.__setattr__(self, "warmup_epochs", min(5.0, self.epochs / 10))
-        if not 0 <= self.warmup_epochs <= self.epochs:
+        if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup-epochs must be in [0, --epochs={self.epochs}], got {self.warmup_epochs}")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.tau <= 0:
-            raise ValueError(f"--tau must be > 0, got {self.tau}")
-        if self.distillation not in ("none", "soft", "hard"):
-            raise ValueError(f"--distillation must be none, soft or hard, got {self.distillation!r}")
-        if self.teacher_labels not in (None, "views", "global"):
-            raise ValueError(f"--teacher-labels must be views or global, got {self.teacher_labels!r}")
         if self.online_teacher and self.distillation == "none":
             raise ValueError("--online-teacher needs --distillation soft or hard")
         if self.teacher_weights and not self.online_teacher:
             raise ValueError("--teacher-weights goes with --online-teacher NAME")
-        if self.rand_augment is not None and not 0 <= self.rand_augment <= 10:
-            raise ValueError(f"--rand-augment must be a level in [0, 10] (DeiT: 9), or -1 for off; got {self.rand_augment}")
-        for option, value in (("--mixup", self.mixup), ("--cutmix", self.cutmix),
-                              ("--rand-augment-std", self.rand_augment_std),
-                              ("--random-erasing", self.random_erasing),
-                              ("--label-smoothing", self.label_smoothing)):
-            if value < 0:
-                raise ValueError(f"{option} must be >= 0, got {value}")
-        for option, value in (("--random-erasing", self.random_erasing), ("--mixup-switch", self.mixup_switch),
-                              ("--label-smoothing", self.label_smoothing)):
-            if not 0 <= value <= 1:
-                raise ValueError(f"{option} is a probability in [0, 1], got {value}")
-        if not 0 <= self.drop_path < 1:
-            raise ValueError(f"--drop-path must be in [0, 1), got {self.drop_path}")
-        if not 0 < self.min_scale <= 1:
-            raise ValueError(f"--min-scale must be in (0, 1], got {self.min_scale}")
-        if self.stop_after_steps is not None and self.stop_after_steps < 1:
-            raise ValueError(f"--stop-after-steps must be >= 1, got {self.stop_after_steps}")
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """This config with its local paths absolute (:func:`absolute_spec`)."""
         return resolved_paths(self, ("shards", "manifest", "out", "val", "teacher_weights", "finetune"))
 

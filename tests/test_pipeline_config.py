@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from deitpipe.pipeline.config import TrainConfig
@@ -36,3 +38,38 @@ def test_loader_workers_default_to_none_on_cpus_and_all_but_one_cpu_with_a_gpu()
     assert default_loader_workers("cuda", 1) == 1
     with pytest.raises(ValueError, match="--loader-workers must be >= 0"):
         TrainConfig(loader_workers=-1)
+
+
+@pytest.mark.parametrize(("command", "cls"), [("train-student", "TrainConfig"), ("label-teacher", "LabelConfig")])
+def test_each_option_is_its_config_field(command, cls):
+    # One declaration: every field is an option with the field's default and help, and nothing else is.
+    import dataclasses
+
+    from deitpipe.pipeline import config as config_module
+    from deitpipe.pipeline.cli import main
+
+    config = getattr(config_module, cls)
+    params = {p.name: p for p in main.commands[command].params if p.name != "help"}
+    assert set(params) == {f.name for f in dataclasses.fields(config)}
+    for f in dataclasses.fields(config):
+        assert params[f.name].default == f.default, f.name
+        assert params[f.name].help == f.metadata["help"], f.name
+
+
+def test_options_reach_the_config_with_their_conversions():
+    from deitpipe.pipeline.cli import main
+
+    ctx = main.commands["train-student"].make_context("train-student", ["--rand-augment", "-1", "--no-progress",
+                                                                        "--no-resume", "--launcher", "local"])
+    config = TrainConfig(**ctx.params)
+    assert (config.rand_augment, config.progress, config.resume, config.launcher) == (None, False, False, "local")
+    assert TrainConfig(**main.commands["train-student"].make_context("train-student", []).params) == TrainConfig()
+
+
+@pytest.mark.parametrize(("kw", "message"), [(dict(drop_path=1.0), "--drop-path must be in [0, 1)"),
+                                             (dict(lr=0), "--lr must be > 0"),
+                                             (dict(launcher="slurm"), "--launcher must be one of local"),
+                                             (dict(progress=True, epochs=0), "--epochs must be >= 1")])
+def test_declared_ranges_give_one_line_naming_the_option(kw, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**kw)
