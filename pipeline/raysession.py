@@ -6,8 +6,21 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import ray
+
+
+# Ray's cluster token, written world-readable; with token authentication on it is what stands
+# between the local Ray's ports (which listen on every interface) and anyone on the network.
+RAY_TOKEN = Path.home() / ".ray" / "auth_token"
+
+
+def owner_only(path: Path) -> None:
+    """Make ``path`` readable by its owner alone, if it exists and others can read it."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
 
 
 @contextlib.contextmanager
@@ -32,6 +45,7 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
         # "local" so that a stale cluster address file is not joined by accident.
         mem = int(os.environ.get("DEITPIPE_OBJECT_STORE_BYTES", 512 << 20))
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=mem, **kwargs)
+        owner_only(RAY_TOKEN)
     try:
         yield
     finally:

@@ -261,3 +261,24 @@ def test_images_over_max_pixels_are_skipped_with_their_reason(tmp_path):
     assert out["ok"].tolist() == [True, False]
     assert out["reason"][1].startswith("decompression bomb") and "100000" in out["reason"][1]
     assert decode_batch(batch, seed=0, views=1, prep=prep.to_dict(), max_pixels=200_000)["ok"].all()
+
+
+def test_rays_token_is_made_owner_only(tmp_path):
+    from deitpipe.pipeline.raysession import owner_only
+
+    token = tmp_path / "auth_token"
+    token.write_text("secret")
+    token.chmod(0o644)
+    owner_only(token)
+    assert token.stat().st_mode & 0o777 == 0o600
+    owner_only(tmp_path / "missing")  # nothing to do
+
+
+@pytest.mark.ray
+def test_a_local_ray_leaves_its_token_owner_only():
+    pytest.importorskip("ray")
+    from deitpipe.pipeline.raysession import RAY_TOKEN, ray_session
+
+    with ray_session(None, num_cpus=1):
+        if RAY_TOKEN.exists():
+            assert RAY_TOKEN.stat().st_mode & 0o077 == 0
