@@ -10,8 +10,8 @@ Also the low-noise measure of the mechanism: how often the label the student tra
 with the live teacher on the pixels the student sees (global labels under fresh crops vs stored
 views replayed).
 
-The students train in-process with the library's loader, loss and loop (the same pieces
-train-student runs inside Ray Train), so the table measures learning, not orchestration.
+The students train in-process with train-student's training core (``student.trainer.train``,
+as ``--launcher local`` runs it), so the table measures learning, not orchestration.
 
 Run: python bench/fidelity.py [--seeds 0 1 2] [--epochs 25] [--quick]
 """
@@ -32,11 +32,12 @@ from deitpipe.pipeline.config import LabelConfig
 from deitpipe.pipeline.demo import DemoConfig, _teacher, student_config
 from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.launch import online_teacher_fn
+from deitpipe.pipeline.train import teacher_labels_mode
 from deitpipe.shards.reader import expand_urls
 from deitpipe.shards.sources import digits_image_folder
-from deitpipe.student import (DistillationLoss, build_optimizer, build_scheduler, create_student, evaluate,
-                              scaled_lr, train_one_epoch)
-from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items, steps_per_epoch
+from deitpipe.student import create_student, evaluate
+from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items
+from deitpipe.student.trainer import train
 
 ROWS = [("no distillation", "none", None, False), ("fixed teacher, hard", "hard", "global", False),
         ("fixed teacher, soft", "soft", "global", False), ("stored views, hard", "hard", "views", False),
@@ -44,26 +45,14 @@ ROWS = [("no distillation", "none", None, False), ("fixed teacher, hard", "hard"
         ("live teacher, soft", "soft", None, True)]
 
 
-def train_one(cfg, *, urls, views, samples, val, online) -> float:
-    """Train one student as train-student would (single worker); returns held-out top-1 (avg head)."""
-    torch.manual_seed(cfg.seed)
-    model = create_student(cfg.model, num_classes=10, **cfg.model_overrides())
-    steps = steps_per_epoch(samples, batch_size=cfg.batch_size, world_size=1)
-    opt = build_optimizer(model, lr=scaled_lr(cfg.lr, cfg.batch_size), weight_decay=cfg.weight_decay)
-    sched = build_scheduler(opt, epochs=cfg.epochs, steps_per_epoch=steps, warmup_epochs=cfg.warmup_epochs,
-                            min_lr=cfg.min_lr)
-    loss = DistillationLoss(distillation=cfg.distillation, alpha=cfg.alpha, tau=cfg.tau,
-                            label_smoothing=cfg.label_smoothing)
-    mode = "none" if online or cfg.distillation == "none" else cfg.teacher_labels
-    for epoch in range(cfg.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch * 64)
-        ds = ShardReplay(urls=urls, num_classes=10, num_views=views, teacher_labels=mode, img_size=cfg.img_size,
-                         batch_size=cfg.batch_size, steps=steps, seed=cfg.seed, min_scale=cfg.min_scale,
-                         augment=Augment(rand_augment=None, random_erasing=0.0))
-        ds.set_epoch(epoch)
-        train_one_epoch(model, loss, DataLoader(ds, batch_size=cfg.batch_size), opt, device="cpu", scheduler=sched,
-                        online_teacher=online)
-    return evaluate(model, val, device="cpu", num_classes=10)["top1_avg"]
+def train_one(cfg, *, info, val, online, out: Path) -> float:
+    """Train one student with train-student's core in this process; returns held-out top-1 (avg head)."""
+    mode = teacher_labels_mode(cfg, info["views"])
+    train(replace(cfg, val=None, out=str(out)), info=info, mode=mode, out=out, device=torch.device("cpu"),
+          cpus=torch.get_num_threads(), save=lambda state, metrics: None, online_teacher=online)
+    model = create_student(cfg.model, num_classes=info["num_classes"], **cfg.model_overrides())
+    model.load_state_dict(torch.load(out / "student.pt", weights_only=True))
+    return evaluate(model, val, device="cpu", num_classes=info["num_classes"])["top1_avg"]
 
 
 def label_agreement(*, urls, views, teacher, mode, min_scale, epochs=3) -> float:
@@ -100,6 +89,7 @@ def main() -> None:
                               teacher_weights=teacher["weights"], views=demo.views, min_scale=demo.min_scale,
                               shard_size=300, device="cpu", progress=False))
     urls = expand_urls(str(out / "shards"))
+    info = {"urls": urls, "num_classes": 10, "views": demo.views, "samples": 1200}
     items, _ = eval_items(str(data / "val"))
     val = DataLoader(EvalImages(items, img_size=32, crop_pct=1.0), batch_size=256)
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "teacher": demo.teacher,
@@ -121,8 +111,8 @@ def main() -> None:
             cfg = replace(base, distillation=distillation, teacher_labels=labels if distillation != "none" else None,
                           seed=seed)
             start = time.perf_counter()
-            scores.append(train_one(cfg, urls=urls, views=demo.views, samples=1200, val=val,
-                                    online=live if online else None))
+            scores.append(train_one(cfg, info=info, val=val, online=live if online else None,
+                                    out=out / "students" / f"{name.replace(' ', '-').replace(',', '')}-{seed}"))
             print(json.dumps({"row": name, "seed": seed, "top1": round(scores[-1], 2),
                               "seconds": round(time.perf_counter() - start, 1)}), flush=True)
         sd = statistics.stdev(scores) if len(scores) > 1 else 0.0

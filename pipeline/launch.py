@@ -13,6 +13,7 @@ progress bar; the core does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -85,10 +86,9 @@ def _torchrun(config: TrainConfig, *, info, mode, out, prepare) -> None:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        with locked(out, command="deitpipe train-student (torchrun rank 0)") if rank == 0 else _nothing():
-            if rank == 0:
-                prepare()
-            dist.barrier()  # every rank reads the prepared run directory
+        with contextlib.ExitStack() as held:
+            _prepared_on_rank_zero(rank, device, lambda: (held.enter_context(locked(
+                out, command="deitpipe train-student (torchrun rank 0)")), prepare()))
             bar = _bar(config, info, world) if rank == 0 else None
             teacher = online_teacher_fn(config, info["num_classes"], device) if config.online_teacher else None
             try:
@@ -113,12 +113,21 @@ def _then_barrier(save):
     return wrapped
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def _prepared_on_rank_zero(rank: int, device: torch.device, prepare: Callable[[], Any]) -> None:
+    """Rank 0 locks and prepares the run directory while the others wait; if it cannot, every
+    rank stops (none is left waiting in a collective)."""
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            prepare()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure = exc
+    flag = torch.tensor([failure is not None], dtype=torch.int32, device=device)
+    dist.broadcast(flag, src=0)
+    if failure is not None:
+        raise failure
+    if flag.item():
+        raise TrainError("rank 0 could not prepare the run directory; its error is in its output")
 
 
 def _device(use_gpu: bool, local_rank: int) -> torch.device:

@@ -147,3 +147,16 @@ def test_torchrun_launcher_outside_torchrun_is_one_line(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(TrainError, match="torchrun --nproc-per-node"):
         train_student(_config(_shards(tmp_path / "shards"), tmp_path / "out", launcher="torchrun"))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_together_when_rank_zero_cannot_take_the_run(tmp_path):
+    from deitpipe.pipeline.outdir import locked
+
+    _shards(tmp_path / "shards")
+    args = ["train-student", "--launcher", "torchrun", "--shards", "shards", "--out", "run", *CLI_TINY]
+    with locked(tmp_path / "run", command="another run"):
+        result = _torchrun(2, *args, cwd=tmp_path)  # would hang if rank 1 waited for rank 0 forever
+    assert result.returncode != 0
+    assert "in use by another run" in result.stdout + result.stderr
+    assert not (tmp_path / "run" / "config.json").exists()
