@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 # Wrappers under which training scripts store the weights (official DeiT: "model").
@@ -22,8 +22,9 @@ def resample_pos_embed(
 ) -> torch.Tensor:
     """Resize the patch part of a position embedding, keeping the prefix tokens as they are.
 
-    As facebookresearch/deit does when it fine-tunes at 384: the patch grid is interpolated
-    bicubically with ``align_corners=False``.
+    timm's ``resample_abs_pos_embed``, set as facebookresearch/deit resizes for fine-tuning at
+    384: bicubic, ``align_corners=False``, no antialiasing (timm's default antialias would change
+    a downsampled grid).
 
     Args:
         pos_embed: (1, P + H*W, D).
@@ -33,21 +34,17 @@ def resample_pos_embed(
     Returns:
         (1, P + H'*W', D), same dtype.
     """
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     if old_grid is None:
-        side = int(round(grid.shape[1] ** 0.5))
-        if side * side != grid.shape[1]:
-            raise ValueError(
-                f"pos_embed has {grid.shape[1]} patch tokens, not a square grid; pass old_grid"
-            )
+        patches = pos_embed.shape[1] - num_prefix_tokens
+        side = int(round(patches ** 0.5))
+        if side * side != patches:
+            raise ValueError(f"pos_embed has {patches} patch tokens, not a square grid; pass old_grid")
         old_grid = (side, side)
     if tuple(old_grid) == tuple(new_grid):
         return pos_embed
-    dim = pos_embed.shape[-1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # (1, D, H, W)
-    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)  # (1, H'W', D)
-    return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
+    return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=list(old_grid),
+                                  num_prefix_tokens=num_prefix_tokens, interpolation="bicubic",
+                                  antialias=False)
 
 
 _EXPECTED = ("expected the model's weights saved with torch.save(model.state_dict(), path), alone or under "
@@ -136,7 +133,7 @@ def load_checkpoint(
             fix = "build the model with the variant and depth the checkpoint was trained with"
         raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} ({fix})")
-    # pos_embed may differ in its token count: the model resamples it while loading.
+    # pos_embed may differ in its token count: it is resampled below.
     shapes = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(v.shape)} in the model"
               for k, v in own.items() if k not in heads and state[k].shape != v.shape
               and not (k == "pos_embed" and state[k].ndim == 3 and state[k].shape[-1] == v.shape[-1])]
@@ -153,5 +150,13 @@ def load_checkpoint(
             f"checkpoint {path} does not fit the model's heads: {'; '.join(bad)} "
             "(set num_classes to match, or reset the heads to fine-tune)"
         )
+    if state["pos_embed"].shape != own["pos_embed"].shape:  # trained at another resolution
+        grid = tuple(model.patch_embed.grid_size)
+        patches = state["pos_embed"].shape[1] - model.num_prefix_tokens
+        if patches < 1 or round(patches ** 0.5) ** 2 != patches:
+            raise ValueError(f"checkpoint {path} has a pos_embed of {patches} patch tokens, not a square grid; "
+                             "build the model with the img_size and patch_size it was trained with")
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], new_grid=grid,
+                                                num_prefix_tokens=model.num_prefix_tokens)
     model.load_state_dict(state, strict=True)
     return model

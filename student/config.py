@@ -147,6 +147,9 @@ class TrainConfig:
             object.__setattr__(self, "warmup_epochs", min(5.0, self.epochs / 10))
         if self.warmup_epochs > self.epochs:
             raise ValueError(f"--warmup-epochs must be in [0, --epochs={self.epochs}], got {self.warmup_epochs}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"--batch-size must be even with mixup/cutmix (timm pairs each sample with its mirror "
+                             f"in the batch), got {self.batch_size}; choose an even size or --mixup 0 --cutmix 0")
         if self.online_teacher and self.distillation == "none":
             raise ValueError("--online-teacher needs --distillation soft or hard")
         if self.teacher_weights and not self.online_teacher:

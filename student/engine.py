@@ -8,12 +8,13 @@ probabilities for that exact view. Other keys pass through untouched.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
 from torch import nn
 
 from deitpipe.student.loss import split_outputs
@@ -22,14 +23,14 @@ Batch = dict[str, object]
 
 
 class MixupCutmix:
-    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) on a batch, teacher targets included.
+    """timm's batch Mixup / CutMix (as DeiT trains), mixing the teacher targets with the labels.
 
-    torchvision's ``v2.MixUp`` / ``v2.CutMix`` mix images and labels but neither exposes the
-    lambda nor takes a third target, and the teacher's distribution must be mixed with the same
-    lambda and partner as the labels (the teacher labelled the unmixed views). So this is a small
-    re-implementation with their conventions: the partner of sample i is sample i - 1
-    (``roll(1)``), one lambda per batch drawn from Beta(alpha, alpha), and cutmix's lambda
-    corrected to the area actually pasted after clipping the box to the image.
+    The teacher labelled the unmixed views, so its distribution must be mixed with the same lambda
+    and partner as the images and labels. timm mixes the images in place (partner of sample i:
+    sample B - 1 - i, ``flip(0)``; one lambda per batch; cutmix's lambda corrected to the area
+    pasted after clipping) and returns the mixed one-hot targets. Handing it the identity as the
+    targets (sample i is "class" i of B) returns the (B, B) mixing matrix, whose diagonal is each
+    sample's own weight; labels and teacher are mixed with it and the ``flip(0)`` partner.
 
     Args:
         num_classes: C, to turn int labels into one-hot rows.
@@ -54,38 +55,45 @@ class MixupCutmix:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"--mixup and --cutmix must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
-        if not (0.0 <= switch_prob <= 1.0 and 0.0 <= prob <= 1.0):
-            raise ValueError(f"--mixup-switch-prob and --mixup-prob must be in [0, 1], "
-                             f"got {switch_prob}, {prob}")
+        if not 0.0 <= switch_prob <= 1.0:
+            raise ValueError(f"--mixup-switch must be in [0, 1], got {switch_prob}")
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob}")
         self.num_classes = num_classes
-        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
-        self.switch_prob, self.prob = switch_prob, prob
-        self.rng = random.Random(seed)
-        self.last_lam = 1.0  # lambda of the last call, for logging and tests
+        self.active = prob > 0 and (mixup_alpha > 0 or cutmix_alpha > 0)
+        # label_smoothing 0: the loss smooths the labels. num_classes is set to B on each call.
+        self._mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
+                            switch_prob=switch_prob, mode="batch", correct_lam=True,
+                            label_smoothing=0.0, num_classes=num_classes)
+        # timm draws from numpy's global RNG (np.random.rand / beta / randint); each call swaps
+        # this instance's own state in and out, so a seed fixes its draws and others' are kept.
+        self._np_state = np.random.RandomState(np.random.MT19937(seed)).get_state()
+        self._lam: torch.Tensor | float = 1.0
 
-    def _choose(self) -> str | None:
-        if self.rng.random() >= self.prob:
-            return None
-        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
-            return "cutmix" if self.rng.random() < self.switch_prob else "mixup"
-        if self.cutmix_alpha > 0:
-            return "cutmix"
-        return "mixup" if self.mixup_alpha > 0 else None
+    @property
+    def last_lam(self) -> float:
+        """Lambda of the last call (weight of each sample's own image), for logging and tests."""
+        return float(self._lam)  # reading a device tensor synchronises: only on request
 
-    def _box(self, lam: float, height: int, width: int) -> tuple[int, int, int, int]:
-        # A box of area (1 - lam) * H * W centred uniformly; clipping may shrink it.
-        ratio = math.sqrt(1.0 - lam)
-        cut_h, cut_w = int(height * ratio), int(width * ratio)
-        cy, cx = self.rng.randrange(height), self.rng.randrange(width)
-        y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-        x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
-        return y1, y2, x1, x2
+    def _mix(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """timm's mixing of ``images`` (in place) and the (B, B) mixing matrix, seeded."""
+        size = images.shape[0]
+        identity = torch.arange(size, device=images.device)
+        self._mixup.num_classes = size
+        outer = np.random.get_state()
+        np.random.set_state(self._np_state)
+        try:
+            return self._mixup(images, identity)
+        finally:
+            self._np_state = np.random.get_state()
+            np.random.set_state(outer)
 
     def __call__(self, batch: Batch) -> Batch:
         """Mix a batch; returns a new dict, the input tensors are not modified.
 
         Args:
-            batch: with "image" (B, 3, H, W), "label" (B,) or (B, C), optional "teacher" (B, C).
+            batch: with "image" (B, 3, H, W), "label" (B,) or (B, C), optional "teacher" (B, C);
+                B even, as timm pairs sample i with sample B - 1 - i.
         Returns:
             The batch with mixed "image", (B, C) float "label" (one-hot when not mixed, so the
             type does not change from batch to batch) and mixed "teacher".
@@ -95,26 +103,19 @@ class MixupCutmix:
         if labels.ndim == 1:
             labels = F.one_hot(labels.long(), self.num_classes).float()
         out["label"] = labels
-        kind = self._choose()
-        self.last_lam = 1.0
-        if kind is None:
+        self._lam = 1.0
+        if not self.active:
             return out
-        alpha = self.cutmix_alpha if kind == "cutmix" else self.mixup_alpha
-        lam = self.rng.betavariate(alpha, alpha)
-        images = batch["image"]
-        if kind == "cutmix":
-            y1, y2, x1, x2 = self._box(lam, images.shape[-2], images.shape[-1])
-            images = images.clone()
-            images[..., y1:y2, x1:x2] = batch["image"].roll(1, dims=0)[..., y1:y2, x1:x2]
-            lam = 1.0 - (y2 - y1) * (x2 - x1) / (images.shape[-2] * images.shape[-1])
-        else:
-            images = images * lam + images.roll(1, dims=0) * (1.0 - lam)
-        out["image"] = images
-        out["label"] = labels * lam + labels.roll(1, dims=0) * (1.0 - lam)
+        if labels.shape[0] % 2:
+            raise ValueError(f"mixup/cutmix pairs sample i with sample B-1-i and needs an even batch, got "
+                             f"{labels.shape[0]}; choose an even --batch-size, or set --mixup 0 --cutmix 0")
+        out["image"], matrix = self._mix(batch["image"].clone())
+        lam = matrix.diagonal().unsqueeze(1)  # (B, 1): sample i's own weight, 1 when not mixed
+        out["label"] = labels * lam + labels.flip(0) * (1.0 - lam)
         if batch.get("teacher") is not None:
             teacher = batch["teacher"]
-            out["teacher"] = teacher * lam + teacher.roll(1, dims=0) * (1.0 - lam)
-        self.last_lam = lam
+            out["teacher"] = (teacher * lam + teacher.flip(0) * (1.0 - lam)).to(teacher.dtype)
+        self._lam = lam[0, 0]
         return out
 
 

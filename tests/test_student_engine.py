@@ -1,5 +1,7 @@
+import numpy as np
 import pytest
 import torch
+from timm.data import Mixup
 from torch import nn
 
 from deitpipe.student.ema import build_ema
@@ -43,12 +45,13 @@ def _constant_batch(b=4, size=8):
 
 def test_mixup_mixes_images_labels_and_teacher_with_one_lambda():
     batch = _constant_batch()
-    out = MixupCutmix(C, mixup_alpha=0.8, cutmix_alpha=0.0, seed=3)(batch)
+    mix = MixupCutmix(C, mixup_alpha=0.8, cutmix_alpha=0.0, seed=3)
+    out = mix(batch)
     lam = (out["image"][0, 0, 0, 0] - 4.0).item() / (1.0 - 4.0)  # sample 0 mixes with sample 3
-    assert 0.0 < lam < 1.0
+    assert 0.0 < lam < 1.0 and mix.last_lam == pytest.approx(lam, abs=1e-6)
     onehot = torch.nn.functional.one_hot(batch["label"], C).float()
     for i in range(4):
-        j = (i - 1) % 4
+        j = 3 - i  # timm's partner: the batch flipped
         torch.testing.assert_close(out["image"][i], lam * batch["image"][i] + (1 - lam) * batch["image"][j])
         torch.testing.assert_close(out["label"][i], lam * onehot[i] + (1 - lam) * onehot[j])
         torch.testing.assert_close(out["teacher"][i],
@@ -64,20 +67,68 @@ def test_cutmix_lambda_is_the_pasted_area(seed):
     batch = _constant_batch(size=10)
     mix = MixupCutmix(C, mixup_alpha=0.0, cutmix_alpha=1.0, seed=seed)
     out = mix(batch)
-    kept = (out["image"][0] == 1.0).float().mean().item()  # pixels still from sample 0
-    assert mix.last_lam == pytest.approx(kept)
     onehot = torch.nn.functional.one_hot(batch["label"], C).float()
     lam = mix.last_lam
-    torch.testing.assert_close(out["label"][0], lam * onehot[0] + (1 - lam) * onehot[3])
-    torch.testing.assert_close(out["teacher"][0],
-                               lam * batch["teacher"][0] + (1 - lam) * batch["teacher"][3])
+    for i in range(4):
+        kept = (out["image"][i] == i + 1).float().mean().item()  # pixels still from sample i
+        pasted = (out["image"][i] == 4 - i).float().mean().item()  # from its partner 3 - i
+        assert lam == pytest.approx(kept) and kept + pasted == pytest.approx(1.0)
+        torch.testing.assert_close(out["label"][i], lam * onehot[i] + (1 - lam) * onehot[3 - i])
+        torch.testing.assert_close(out["teacher"][i],
+                                   lam * batch["teacher"][i] + (1 - lam) * batch["teacher"][3 - i])
+
+
+def test_mixing_is_timms_for_the_same_draws():
+    # timm draws from numpy's global RNG: give it the stream MixupCutmix(seed=7) draws from.
+    mix = MixupCutmix(C, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=0.9, seed=7)
+    ref = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=0.9, mode="batch",
+                label_smoothing=0.0, num_classes=C)
+    saved = np.random.get_state()
+    np.random.set_state(np.random.RandomState(np.random.MT19937(7)).get_state())
+    try:
+        for step in range(6):
+            batch = _constant_batch(size=10)
+            batch["image"] = batch["image"] + torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(step))
+            images, labels = ref(batch["image"].clone(), batch["label"])
+            out = mix(batch)  # draws from its own stream: the global one stays timm's here
+            torch.testing.assert_close(out["image"], images)
+            torch.testing.assert_close(out["label"], labels)
+    finally:
+        np.random.set_state(saved)
+
+
+def test_a_seed_fixes_the_draws_and_leaves_numpy_alone():
+    def run(seed):
+        mix, lams, outs = MixupCutmix(C, prob=0.7, seed=seed), [], []
+        for _ in range(8):
+            out = mix(_constant_batch(size=8))
+            lams.append(mix.last_lam)
+            outs.append(out)
+        return lams, outs
+
+    np.random.seed(0)
+    state = np.random.get_state()
+    (lams_a, outs_a), (lams_b, outs_b) = run(5), run(5)
+    assert lams_a == lams_b and lams_a != run(6)[0]
+    for a, b in zip(outs_a, outs_b):
+        for key in ("image", "label", "teacher"):
+            assert torch.equal(a[key], b[key])
+    assert 1.0 in lams_a and any(lam < 1 for lam in lams_a)  # prob 0.7: some batches unmixed
+    onehot = torch.nn.functional.one_hot(_constant_batch()["label"], C).float()
+    for lam, out in zip(lams_a, outs_a):
+        if lam == 1.0:
+            assert torch.equal(out["label"], onehot) and torch.equal(out["image"], _constant_batch(size=8)["image"])
+    after = np.random.get_state()
+    assert after[0] == state[0] and (after[1] == state[1]).all() and after[2:] == state[2:]
 
 
 def test_mixup_disabled_by_prob_returns_one_hot_labels():
     batch = _constant_batch()
-    out = MixupCutmix(C, prob=0.0, seed=0)(batch)
-    torch.testing.assert_close(out["image"], batch["image"])
-    torch.testing.assert_close(out["label"], torch.nn.functional.one_hot(batch["label"], C).float())
+    for mix in (MixupCutmix(C, prob=0.0, seed=0), MixupCutmix(C, mixup_alpha=0.0, cutmix_alpha=0.0)):
+        out = mix(batch)
+        torch.testing.assert_close(out["image"], batch["image"])
+        assert out["teacher"] is batch["teacher"] and mix.last_lam == 1.0
+        torch.testing.assert_close(out["label"], torch.nn.functional.one_hot(batch["label"], C).float())
 
 
 def test_mixup_switches_between_kinds():
@@ -88,6 +139,15 @@ def test_mixup_switches_between_kinds():
         # cutmix leaves pure pixels of sample 0 somewhere; mixup blends all of them.
         kinds.add(bool((out["image"][0] == 1.0).any()) if mix.last_lam < 1 else None)
     assert {True, False} <= kinds
+
+
+def test_mixup_errors_name_the_options():
+    with pytest.raises(ValueError, match="--mixup-switch must be in"):
+        MixupCutmix(C, switch_prob=1.5)
+    with pytest.raises(ValueError, match="--mixup and --cutmix must be >= 0"):
+        MixupCutmix(C, mixup_alpha=-1)
+    with pytest.raises(ValueError, match="even batch, got 3.*--batch-size"):
+        MixupCutmix(C, seed=0)(_constant_batch(b=3))
 
 
 # --- training ------------------------------------------------------------------------------

@@ -1,16 +1,20 @@
+from dataclasses import asdict
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
 
 from deitpipe.student import (
     VARIANTS,
     DeiT,
+    DeiTConfig,
     create_student,
     load_checkpoint,
     resample_pos_embed,
 )
-
-timm = pytest.importorskip("timm")
 
 PARITY = ["deit_tiny_distilled_patch16_224", "deit_small_distilled_patch16_224",
           "deit_tiny_patch16_224"]
@@ -62,13 +66,33 @@ def test_eval_output_is_average_of_heads():
 
 
 def test_timm_loads_our_state_dict_and_we_load_timm():
-    ours = create_student("deit_small_distilled_patch16_224")
-    ref = timm.create_model("deit_small_distilled_patch16_224", pretrained=False)
+    ours = create_student("deit_tiny_distilled_patch16_224")
+    ref = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
     ref.load_state_dict(ours.state_dict(), strict=True)
-    fresh = create_student("deit_small_distilled_patch16_224")
+    fresh = create_student("deit_tiny_distilled_patch16_224")
     fresh.load_state_dict(ref.state_dict(), strict=True)
     for k, v in ours.state_dict().items():
         assert torch.equal(v, fresh.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(set(VARIANTS) & set(timm.list_models("deit_*"))))
+def test_every_variant_timm_registers_has_its_names_and_shapes(name):
+    with torch.device("meta"):
+        ours, ref = create_student(name), timm.create_model(name, pretrained=False)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert isinstance(ours, type(ref)) and isinstance(ours, DeiT)
+
+
+def test_students_are_timm_models_with_their_config():
+    distilled = create_student("deit_tiny_distilled_patch16_224", num_classes=10, img_size=32, patch_size=4,
+                               depth=2)
+    plain = create_student("deit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=2)
+    assert isinstance(distilled, VisionTransformerDistilled) and distilled.distilled
+    assert isinstance(plain, VisionTransformer) and not isinstance(plain, VisionTransformerDistilled)
+    assert not plain.distilled and isinstance(plain, DeiT)
+    assert distilled.config == DeiTConfig(img_size=32, patch_size=4, num_classes=10, depth=2)
+    assert asdict(distilled.config)["img_size"] == 32 and distilled.num_classes == 10
+    assert distilled.no_weight_decay() >= {"pos_embed", "cls_token", "dist_token"}
 
 
 def test_plain_variant_has_one_head_and_no_dist_token():
@@ -99,6 +123,19 @@ def test_resample_keeps_prefix_and_matches_bicubic():
     grid = pos[:, 2:].reshape(1, 14, 14, 16).permute(0, 3, 1, 2)
     want = F.interpolate(grid, size=(24, 24), mode="bicubic", align_corners=False)
     torch.testing.assert_close(out[:, 2:], want.permute(0, 2, 3, 1).reshape(1, 576, 16))
+    assert resample_pos_embed(pos, new_grid=(14, 14), num_prefix_tokens=2) is pos
+
+
+def test_resample_down_is_plain_bicubic_without_antialias():
+    # DeiT interpolates without antialiasing; timm's resample_abs_pos_embed antialiases by default.
+    pos = torch.randn(1, 1 + 8 * 8, 4)
+    out = resample_pos_embed(pos, new_grid=(3, 5), num_prefix_tokens=1)
+    grid = pos[:, 1:].reshape(1, 8, 8, 4).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(3, 5), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(out[:, 1:], want.permute(0, 2, 3, 1).reshape(1, 15, 4))
+    assert torch.equal(out[:, :1], pos[:, :1])
+    with pytest.raises(ValueError, match="not a square grid"):
+        resample_pos_embed(pos[:, :-1], new_grid=(4, 4), num_prefix_tokens=1)
 
 
 def test_224_checkpoint_loads_into_384_model(tmp_path):
@@ -108,6 +145,8 @@ def test_224_checkpoint_loads_into_384_model(tmp_path):
     dst = load_checkpoint(create_student("deit_tiny_distilled_patch16_384"), path)
     assert dst.pos_embed.shape == (1, 2 + 24 * 24, 192)
     assert torch.equal(dst.pos_embed[:, :2], src.pos_embed[:, :2])
+    want = resample_pos_embed(src.pos_embed.detach(), new_grid=(24, 24), num_prefix_tokens=2)
+    assert torch.equal(dst.pos_embed.detach(), want)
     assert torch.equal(dst.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
     dst.eval()
     assert dst(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
@@ -121,6 +160,16 @@ def test_load_checkpoint_reports_head_mismatch_by_name(tmp_path):
         load_checkpoint(model, path)
     load_checkpoint(model, path, reset_heads=True)  # fine-tuning to 10 classes
     assert model.head.weight.shape == (10, 192)
+
+
+def test_load_checkpoint_names_a_pos_embed_it_cannot_resample(tmp_path):
+    kw = dict(num_classes=10, img_size=32, patch_size=4, depth=1)
+    state = create_student("deit_tiny_distilled_patch16_224", **kw).state_dict()
+    state["pos_embed"] = state["pos_embed"][:, :-1]  # 63 patch tokens
+    path = tmp_path / "odd.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"odd\.pth has a pos_embed of 63 patch tokens, not a square grid"):
+        load_checkpoint(create_student("deit_tiny_distilled_patch16_224", **kw), path)
 
 
 def test_load_checkpoint_refuses_pickled_objects(tmp_path):
@@ -154,7 +203,8 @@ def test_drop_path_is_identity_in_eval_and_active_in_training():
         torch.manual_seed(1)
         b = model(x)
     assert not torch.allclose(a, b)
-    assert model.blocks[0].drop_path.p == 0.0 and model.blocks[-1].drop_path.p == 0.5
+    assert isinstance(model.blocks[0].drop_path1, torch.nn.Identity)  # rate 0 in the first block
+    assert model.blocks[-1].drop_path1.drop_prob == 0.5
 
 
 def test_factory_rejects_bad_input():
@@ -178,6 +228,11 @@ def test_token_similarity_shape_and_range():
     cls = model.cls_token[0, 0] + model.pos_embed[0, 0]
     dist = model.dist_token[0, 0] + model.pos_embed[0, 1]
     torch.testing.assert_close(sims[0], F.cosine_similarity(cls, dist, dim=0))
+    # after block i: timm's own intermediates, tokens 0 and 1, averaged over the batch
+    x = torch.randn(2, 3, 32, 32)
+    outs = model.forward_intermediates(x, return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True)
+    want = torch.stack([F.cosine_similarity(p[:, 0], p[:, 1], dim=-1).mean() for _, p in outs])
+    torch.testing.assert_close(model.token_similarity(x)[1:], want)
     with pytest.raises(ValueError, match="distilled"):
         create_student("deit_tiny_patch16_224").token_similarity(torch.randn(1, 3, 224, 224))
 
