@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 
-from deitpipe.shards.reader import is_remote
-
 # Inputs named by the data set rather than by a path.
 NAMED_DATA = frozenset({"digits", "digits:train", "digits:val"})
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a URL or a ``pipe:`` command rather than a local path."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://") or text.startswith("pipe:")
 
 
 def absolute_spec(spec: str | None) -> str | None:

@@ -1,13 +1,31 @@
-"""The DeiT student: model, distillation loss, view replay, training engine and evaluation."""
+"""The DeiT student: model, distillation loss, view replay, training engine and evaluation.
 
-from deitpipe.student.checkpoint import load_checkpoint, read_state_dict, resample_pos_embed
-from deitpipe.student.ema import build_ema
-from deitpipe.student.engine import MixupCutmix, evaluate, train_one_epoch
-from deitpipe.student.loss import DistillationLoss
-from deitpipe.student.model import VARIANTS, DeiT, DeiTConfig, create_student
-from deitpipe.student.optim import build_optimizer, build_scheduler, scaled_lr
+The public names load on first use (PEP 562), so importing ``deitpipe.student.config`` (which
+the command line does for its options) does not import torch and timm.
+"""
 
-__all__ = ["DeiT", "DeiTConfig", "VARIANTS", "create_student", "load_checkpoint",
-           "read_state_dict", "resample_pos_embed", "DistillationLoss", "build_optimizer",
-           "build_scheduler", "scaled_lr", "build_ema", "MixupCutmix", "evaluate",
-           "train_one_epoch"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "load_checkpoint": "checkpoint", "read_state_dict": "checkpoint", "resample_pos_embed": "checkpoint",
+    "build_ema": "ema", "MixupCutmix": "engine", "evaluate": "engine", "train_one_epoch": "engine",
+    "DistillationLoss": "loss", "VARIANTS": "model", "DeiT": "model", "DeiTConfig": "model",
+    "create_student": "model", "build_optimizer": "optim", "build_scheduler": "optim", "scaled_lr": "optim",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'deitpipe.student' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"deitpipe.student.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

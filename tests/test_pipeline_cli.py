@@ -141,3 +141,13 @@ def test_inspect_without_any_sample_is_not_ok(tmp_path, sample_maker):
     assert result.exit_code == 1, result.output
     report = json.loads(result.output)
     assert not report["ok"] and report["sample"] is None and "no samples" in report["problems"][0]
+
+
+def test_the_command_line_starts_without_importing_torch():
+    # --help and argument errors answer at once: torch, timm and Ray load only when a command runs.
+    import subprocess
+    import sys
+
+    code = "import sys, deitpipe.pipeline.cli; print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
