@@ -11,18 +11,28 @@ the ratio shards / memory (goal >= 0.9). ``loader_img_s`` is the loader alone, w
 
 Rows: DeiT-Ti at 224 on photo-like JPEGs (1000 classes), and the digits-sized student (32 px,
 patch 4, dim 96, depth 4) on the digits rendered at 32 px (10 classes). Teacher outputs in the
-shards are random (only timing matters).
+shards are random (only timing matters). Each row runs once per shard schema version in
+``--schemas`` (the version 1 set holds the same samples as the version 2 one, rewritten).
+
+``read`` rows time the reader alone, per sample: ``read_shard`` + ``decode_sample`` over the
+whole shard set, best of ``--read-reps`` passes, for each schema version with and without the
+reader's two shortcuts: ``split`` (deitpipe's own ustar splitter; without it every shard goes
+through webdataset's ``tarfile`` path) and ``cache`` (npy headers parsed once per shard set;
+without it once per member). The shortcuts are switched off by replacing them in this process.
 
 Run: python bench/loader_cost.py            (both rows)
      python bench/loader_cost.py --quick    (tiny settings)
+     python bench/loader_cost.py --rows digits_32 --read-only   (the reader alone, seconds)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +40,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchutil import StepClock, emit, header, photo_jpeg, write_synthetic_shards
+from deitpipe.shards import reader, schema
 from deitpipe.shards.sources import render_digit, resolve_source
+from deitpipe.shards.writer import ShardFileWriter, encode_sample
 from deitpipe.student import DistillationLoss, MixupCutmix, build_optimizer, create_student, scaled_lr, train_one_epoch
 from deitpipe.student.data import Augment, ShardReplay
 
@@ -53,6 +65,67 @@ def make_shards(out: Path, row: dict, args: argparse.Namespace) -> list[str]:
         labels = [c.label for c in cands]
     return write_synthetic_shards(out, images=images, labels=labels, num_classes=row["num_classes"],
                                   views=args.views)
+
+
+def rewrite_shards(urls: list[str], out: Path, *, schema_version: int) -> list[str]:
+    """The same samples, in the same shards and order, written in ``schema_version``."""
+    paths = []
+    for url in urls:
+        with ShardFileWriter(out, Path(url).name) as writer:
+            for raw in reader.read_shard(url):
+                s = reader.decode_sample(raw)
+                fields = {f: s[f] for f in schema.VIEW_FIELDS + (schema.SOFTMAX_FIELD,) if f in s}
+                writer.write(encode_sample(key=s["key"], image_bytes=s["image"], image_ext=s["image_ext"],
+                                           label=s["label"], meta=s["meta"], views=fields,
+                                           schema_version=schema_version))
+        paths.append(str(writer.path))
+    return paths
+
+
+class _NoCache(dict):
+    """A header cache that remembers nothing: every member's header is parsed."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def reader_shortcuts(*, split: bool, cache: bool) -> Iterator[None]:
+    """Switch the reader's ustar splitter and npy header cache off (False) inside the block."""
+    saved = reader._split_ustar, reader._NPY_HEADERS
+    if not split:
+        reader._split_ustar = lambda data, url: None  # every shard through webdataset's tarfile path
+    reader._NPY_HEADERS = {} if cache else _NoCache()
+    try:
+        yield
+    finally:
+        reader._split_ustar, reader._NPY_HEADERS = saved
+
+
+def read_cost(urls: list[str], *, reps: int) -> float:
+    """Microseconds per sample of ``read_shard`` + ``decode_sample`` over ``urls``, best of ``reps``."""
+    best = float("inf")
+    for _ in range(reps):
+        start, count = time.perf_counter(), 0
+        for url in urls:
+            for raw in reader.read_shard(url):
+                reader.decode_sample(raw)
+                count += 1
+        best = min(best, (time.perf_counter() - start) / count)
+    return best * 1e6
+
+
+def read_rows(name: str, sets: dict[int, list[str]], args: argparse.Namespace) -> None:
+    for version, urls in sets.items():
+        nbytes = sum(Path(u).stat().st_size for u in urls)
+        samples = sum(len(reader.read_shard(u)) for u in urls)
+        for split in (True, False):
+            for cache in (True, False):
+                with reader_shortcuts(split=split, cache=cache):
+                    us = read_cost(urls, reps=args.read_reps)
+                emit({"row": "read", "data": name, "schema_version": version, "views": args.views,
+                      "split": split, "cache": cache, "us_per_sample": us, "samples": samples,
+                      "tar_bytes_per_sample": nbytes / samples})
 
 
 def run(model, loss_fn, optimizer, batches, *, num_classes: int, steps: int, warmup: int) -> float:
@@ -106,6 +179,10 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--loader-workers", type=int, nargs="+", default=[0],
                         help="DataLoader workers (train-student's --loader-workers); several give several rows")
+    parser.add_argument("--schemas", type=int, nargs="+", default=[2, 1], choices=list(schema.READABLE_VERSIONS),
+                        help="shard schema versions to measure")
+    parser.add_argument("--read-reps", type=int, default=5, help="passes over the shard set per read row")
+    parser.add_argument("--read-only", action="store_true", help="only the read rows, no training")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--quick", action="store_true", help="tiny settings that run in seconds")
     args = parser.parse_args()
@@ -115,13 +192,20 @@ def main() -> None:
         batches = {"deit_tiny_224": 2, "digits_32": 8}
         ROWS["deit_tiny_224"]["overrides"] = dict(depth=2)
 
-    header(rows=args.rows, steps=args.steps, loader_workers=args.loader_workers)
+    header(rows=args.rows, steps=args.steps, loader_workers=args.loader_workers, schemas=args.schemas)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-loader-"))
     try:
         for name in args.rows:
-            urls = make_shards(work / name, ROWS[name], args)
-            for workers in args.loader_workers:
-                emit(measure(name, ROWS[name], batch_size=batches[name], workers=workers, urls=urls, args=args))
+            written = make_shards(work / name, ROWS[name], args)  # schema.SCHEMA_VERSION
+            sets = {v: written if v == schema.SCHEMA_VERSION
+                    else rewrite_shards(written, work / f"{name}-v{v}", schema_version=v) for v in args.schemas}
+            read_rows(name, sets, args)
+            if args.read_only:
+                continue
+            for version, urls in sets.items():
+                for workers in args.loader_workers:
+                    row = measure(name, ROWS[name], batch_size=batches[name], workers=workers, urls=urls, args=args)
+                    emit({"row": name, "schema_version": version, **row})
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -3,9 +3,11 @@
 Three measurements:
     payload   bytes per view by the schema (``schema.bytes_per_view``: box, flip, hard, top-k
               indices and float16 probabilities, rest), for C = 10 and 1000 and each K;
-    on_disk   bytes per view in the tars of a real label-teacher output: with the image bytes,
-              without them, and of the teacher members alone (tar headers and .npy headers
-              included: every member costs a 512-byte header and is padded to 512 bytes);
+    on_disk   bytes per sample and per view in the tars of a real label-teacher output (schema
+              version 2), and of the same samples rewritten in version 1: the whole tar, the
+              tar without the image members, and the per-view members alone (version 2: the one
+              ``views.npy``; version 1: box, flip, hard, topk, prob, rest). Tar and .npy headers
+              included: every member costs a 512-byte header and is padded to 512 bytes;
     fidelity  for each K, over real teacher softmaxes of random views: how often the argmax of
               the reconstruction (stored top-k float16 + leftover spread uniformly, exactly
               ``reader.teacher_distribution``) equals the argmax of the full softmax, and
@@ -19,10 +21,12 @@ them a random-init RegNet with logits scaled to a chosen mean top-1 probability 
 is NOT a realistic distribution (its tail is far flatter than a trained network's), and its row
 says so ("realistic": false).
 
-Goal at K = 10: payload <= 64 B/view and mean KL <= 0.01.
+Goals at K = 10: payload <= 64 B/view, mean KL <= 0.01, and per-view members <= 1.6 KB a sample
+with 8 views (``--views 8``).
 
 Run: python bench/storage.py            (trains the digits teacher: about a minute on 2 cores)
      python bench/storage.py --quick    (tiny settings)
+     python bench/storage.py --on-disk-only --views 8   (only the on_disk rows, random-init teachers)
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 
 from benchutil import emit, header, photo_folder, save_random_teacher
+from loader_cost import rewrite_shards
 from deitpipe.pipeline.config import LabelConfig
 from deitpipe.pipeline.label import image_views, label_teacher
 from deitpipe.shards import schema
@@ -45,7 +50,8 @@ from deitpipe.shards.reader import expand_urls, teacher_distribution
 from deitpipe.shards.sources import read_bytes, resolve_source
 from deitpipe.teacher import build_teacher, normalize, summarize_probs
 
-TEACHER_MEMBERS = (schema.HARD, schema.TOPK, schema.PROB, schema.REST)
+# Every per-view member of either schema version.
+VIEW_MEMBERS = (schema.VIEWS,) + schema.V1_VIEW_MEMBERS + (schema.SOFTMAX,)
 
 
 def train_digits_teacher(path: Path, args: argparse.Namespace) -> Path:
@@ -138,10 +144,10 @@ def fidelity_rows(case: str, logits: torch.Tensor, ks: list[int], *, realistic: 
         emit(row)
 
 
-def on_disk(out: Path, *, views: int) -> dict:
-    """Bytes per view of a label-teacher output, split into image, teacher members and the rest."""
-    total = image = teacher = samples = 0
-    for url in expand_urls(str(out)):
+def on_disk(urls: list[str], *, views: int) -> dict:
+    """Bytes per sample and per view of shards, split into image, per-view members and the rest."""
+    total = image = view_members = samples = 0
+    for url in urls:
         total += Path(url).stat().st_size
         with tarfile.open(url) as tar:
             for member in tar.getmembers():
@@ -150,12 +156,48 @@ def on_disk(out: Path, *, views: int) -> dict:
                 if suffix in schema.IMAGE_EXTENSIONS:
                     image += footprint
                     samples += 1
-                elif suffix in TEACHER_MEMBERS:
-                    teacher += footprint
+                elif suffix in VIEW_MEMBERS:
+                    view_members += footprint
     per = samples * (views + 1)
-    return {"samples": samples, "tar_bytes_per_view": total / per,
-            "tar_bytes_per_view_without_image": (total - image) / per,
-            "teacher_member_bytes_per_view": teacher / per, "image_bytes_per_sample": image / samples}
+    return {"samples": samples, "tar_bytes_per_sample": total / samples,
+            "tar_bytes_per_sample_without_image": (total - image) / samples,
+            "view_member_bytes_per_sample": view_members / samples,
+            "tar_bytes_per_view": total / per, "tar_bytes_per_view_without_image": (total - image) / per,
+            "view_member_bytes_per_view": view_members / per, "image_bytes_per_sample": image / samples}
+
+
+def on_disk_rows(out: Path, *, num_classes: int, views: int) -> None:
+    """The on_disk rows of one label-teacher output, as written (version 2) and rewritten (version 1)."""
+    written = expand_urls(str(out))
+    sets = {schema.SCHEMA_VERSION: written}
+    sets.update({v: rewrite_shards(written, out.with_name(f"{out.name}-v{v}"), schema_version=v)
+                 for v in schema.READABLE_VERSIONS if v != schema.SCHEMA_VERSION})
+    for version, urls in sorted(sets.items(), reverse=True):
+        emit({"row": "on_disk", "schema_version": version, "num_classes": num_classes, "topk": 10,
+              "views": views, "payload_bytes_per_view": schema.bytes_per_view(num_classes, 10, False),
+              **on_disk(urls, views=views)})
+
+
+def fidelity_section(work: Path, args: argparse.Namespace) -> Path:
+    """The fidelity rows: the trained digits teacher, then the 1000-class case. Returns the digits weights."""
+    digits_weights = train_digits_teacher(work / "digits-teacher.pt", args)
+    logits = view_logits(digits_weights, args.digits_teacher, "digits:val", views=args.views,
+                         images=args.digits_images, image_size=32)
+    fidelity_rows(f"digits {args.digits_teacher} trained", logits, args.topk, realistic=True)
+    if args.imagenet_weights:
+        data = args.imagenet_data or str(photo_folder(work / "photos", images=args.imagenet_images))
+        logits = view_logits(Path(args.imagenet_weights), args.imagenet_teacher, data, views=args.views,
+                             images=args.imagenet_images, image_size=32)
+        case, realistic = f"{args.imagenet_teacher} {Path(args.imagenet_weights).name}", bool(args.imagenet_data)
+    else:
+        stand_in = save_random_teacher(work / "stand-in", args.imagenet_teacher, num_classes=1000)
+        data = str(photo_folder(work / "photos", images=args.imagenet_images))
+        logits = view_logits(stand_in, args.imagenet_teacher, data, views=args.views,
+                             images=args.imagenet_images, image_size=32)
+        logits = scale_to_confidence(logits, args.stand_in_confidence)
+        case, realistic = f"{args.imagenet_teacher} random init, logits scaled", False
+    fidelity_rows(case, logits, args.topk, realistic=realistic)
+    return digits_weights
 
 
 def main() -> None:
@@ -175,6 +217,8 @@ def main() -> None:
     parser.add_argument("--imagenet-images", type=int, default=64)
     parser.add_argument("--stand-in-confidence", type=float, default=0.7,
                         help="mean top-1 probability the random-init stand-in is scaled to")
+    parser.add_argument("--on-disk-only", action="store_true",
+                        help="only the on_disk rows; random-init teachers (the bytes do not depend on the weights)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--quick", action="store_true", help="tiny settings that run in seconds")
     args = parser.parse_args()
@@ -191,24 +235,11 @@ def main() -> None:
                       "bytes_per_view": schema.bytes_per_view(c, k, False),
                       "with_full_softmax": schema.bytes_per_view(c, k, True)})
 
-        digits_weights = train_digits_teacher(work / "digits-teacher.pt", args)
-        logits = view_logits(digits_weights, args.digits_teacher, "digits:val", views=args.views,
-                             images=args.digits_images, image_size=32)
-        fidelity_rows(f"digits {args.digits_teacher} trained", logits, args.topk, realistic=True)
-
-        if args.imagenet_weights:
-            data = args.imagenet_data or str(photo_folder(work / "photos", images=args.imagenet_images))
-            logits = view_logits(Path(args.imagenet_weights), args.imagenet_teacher, data, views=args.views,
-                                 images=args.imagenet_images, image_size=32)
-            case, realistic = f"{args.imagenet_teacher} {Path(args.imagenet_weights).name}", bool(args.imagenet_data)
+        if args.on_disk_only:
+            digits_weights = save_random_teacher(work / "stand-in", args.digits_teacher, num_classes=10,
+                                                 crop=32, resize=32)
         else:
-            stand_in = save_random_teacher(work / "stand-in", args.imagenet_teacher, num_classes=1000)
-            data = str(photo_folder(work / "photos", images=args.imagenet_images))
-            logits = view_logits(stand_in, args.imagenet_teacher, data, views=args.views,
-                                 images=args.imagenet_images, image_size=32)
-            logits = scale_to_confidence(logits, args.stand_in_confidence)
-            case, realistic = f"{args.imagenet_teacher} random init, logits scaled", False
-        fidelity_rows(case, logits, args.topk, realistic=realistic)
+            digits_weights = fidelity_section(work, args)
 
         # On-disk bytes of real label-teacher outputs (K = 10, the default) for 10 and 1000 classes.
         wide = save_random_teacher(work / "stand-in", "regnet_y_400mf", num_classes=1000, crop=32, resize=32)
@@ -221,11 +252,9 @@ def main() -> None:
                 label_teacher(LabelConfig(data=_first_digits(work, images, split="val"), out=str(out), teacher=name,
                                           teacher_weights=str(weights), views=args.views, topk=10,
                                           image_size=32, progress=False, device="cpu", overwrite=True))
-                emit({"row": "on_disk", "num_classes": c, "topk": 10, "views": args.views,
-                      "payload_bytes_per_view": schema.bytes_per_view(c, 10, False),
-                      **on_disk(out, views=args.views)})
+                on_disk_rows(out, num_classes=c, views=args.views)
         emit({"goal_payload_bytes_per_view": 64, "payload_c1000_k10": schema.bytes_per_view(1000, 10, False),
-              "goal_kl": 0.01})
+              "goal_kl": 0.01, "goal_view_member_bytes_per_sample_at_8_views": 1600})
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from deitpipe.shards.manifest import ManifestError, find_stray_files, read_manifest, verify_shards
-from deitpipe.shards.reader import iter_samples
+from deitpipe.shards.reader import decode_sample, iter_tar_samples, sample_schema_version
 
 
 def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
@@ -33,6 +33,7 @@ def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
     inputs = manifest.get("inputs", {})
     teacher = manifest.get("teacher", {})
     summary = {
+        "schema_version": manifest.get("schema_version"),
         "teacher": teacher.get("name"), "weights": teacher.get("weights"),
         "num_classes": manifest.get("num_classes"), "views": manifest.get("views"),
         "topk": manifest.get("topk"), "full_softmax": manifest.get("full_softmax"),
@@ -55,13 +56,15 @@ def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
 
 def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The first sample of the first shard that holds one, or None when every shard is empty."""
-    s = next((s for shard in manifest["shards"] for s in iter_samples(str(Path(out) / shard["name"]))), None)
-    if s is None:
+    raw = next((r for shard in manifest["shards"] for r in iter_tar_samples(str(Path(out) / shard["name"]))), None)
+    if raw is None:
         return None
+    s = decode_sample(raw)
     names = manifest.get("class_names") or []
     name = (lambda c: names[c] if c < len(names) else str(c))
     return {
-        "key": s["key"], "path": s["meta"].get("path"), "label": s["label"], "label_name": name(s["label"]),
+        "key": s["key"], "schema_version": sample_schema_version(raw), "path": s["meta"].get("path"),
+        "label": s["label"], "label_name": name(s["label"]),
         "size": [s["meta"].get("height"), s["meta"].get("width")],
         "views": [
             {"view": v, "box": s["box"][v].tolist(), "flip": bool(s["flip"][v]), "hard": int(s["hard"][v]),
@@ -74,7 +77,8 @@ def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any] |
 
 
 def _text(out, summary, problems, warnings, sample, manifest) -> str:
-    lines = [f"{out}: {summary['shards']} shards, {summary['samples']} samples, teacher "
+    lines = [f"{out}: schema version {summary['schema_version']}, {summary['shards']} shards, "
+             f"{summary['samples']} samples, teacher "
              f"{summary['teacher']} ({summary['num_classes']} classes), {summary['views']} views + global, "
              f"top-{summary['topk']}{' + full softmax' if summary['full_softmax'] else ''}, seed {summary['seed']}",
              f"inputs: {summary['found']} found, {summary['labelled']} labelled, {summary['skipped']} skipped, "
@@ -82,8 +86,8 @@ def _text(out, summary, problems, warnings, sample, manifest) -> str:
     for item in manifest.get("inputs", {}).get("skipped", [])[:5]:
         lines.append(f"  skipped {item['path']}: {item['reason']}")
     if sample:
-        lines.append(f"sample {sample['key']} ({sample['path']}, {sample['size'][0]}x{sample['size'][1]}): "
-                     f"label {sample['label']} ({sample['label_name']})")
+        lines.append(f"sample {sample['key']} ({sample['path']}, {sample['size'][0]}x{sample['size'][1]}, "
+                     f"schema version {sample['schema_version']}): label {sample['label']} ({sample['label_name']})")
         for v in sample["views"]:
             kind = "global" if v["view"] == 0 else f"view {v['view']}"
             lines.append(f"  {kind:>7}: box {v['box']} flip {int(v['flip'])} hard {v['hard']} "

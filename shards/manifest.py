@@ -2,7 +2,9 @@
 
 Keys the pipeline writes (all JSON):
 
-- ``schema_version`` (int, ``schema.SCHEMA_VERSION``), ``created`` (ISO time), ``config``
+- ``schema_version`` (int, ``schema.SCHEMA_VERSION`` when written; ``schema.READABLE_VERSIONS``
+  are read: each sample's members say its own version, so a set resumed by a newer writer may
+  mix them), ``created`` (ISO time), ``config``
   (``asdict`` of the run config), ``seed``, ``complete`` (false while shards are being written)
 - ``teacher``: ``{name, weights, weights_sha256, preprocessing}``
 - ``num_classes``, ``class_names``, ``views`` (V random views per sample), ``topk``,
@@ -53,14 +55,16 @@ def write_manifest(out_dir: str | os.PathLike, data: dict[str, Any]) -> Path:
 
     Args:
         out_dir: Shard directory.
-        data: Manifest content; ``schema_version`` is set to ``schema.SCHEMA_VERSION`` if absent.
+        data: Manifest content; ``schema_version`` is set to ``schema.SCHEMA_VERSION`` if absent,
+            and must be one of ``schema.READABLE_VERSIONS`` (1 for a set written in version 1).
 
     Returns:
         The manifest path.
     """
     data = {"schema_version": schema.SCHEMA_VERSION, **data}
-    if data["schema_version"] != schema.SCHEMA_VERSION:
-        raise ValueError(f"manifest schema_version {data['schema_version']} != {schema.SCHEMA_VERSION}")
+    version = data["schema_version"]
+    if type(version) is not int or version not in schema.READABLE_VERSIONS:
+        raise ValueError(f"manifest schema_version {version!r} is not one of {schema.READABLE_VERSIONS}")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     path = Path(out_dir) / schema.MANIFEST_NAME
     write_json_atomic(path, data)
@@ -114,10 +118,10 @@ def _parse_manifest(text: str, where: str) -> dict[str, Any]:
     if "shards" not in data:
         raise ManifestError(f"{where}: manifest has no 'shards' list; relabel or restore it")
     version = data.get("schema_version")
-    if version != schema.SCHEMA_VERSION:
+    if type(version) is not int or version not in schema.READABLE_VERSIONS:  # not True, not 2.0
+        readable = " and ".join(map(str, schema.READABLE_VERSIONS))
         raise ManifestError(
-            f"{where}: shard schema_version {version!r}, this deitpipe reads {schema.SCHEMA_VERSION}; "
-            "relabel with this version"
+            f"{where}: shard schema_version {version!r}, this deitpipe reads {readable}; relabel with this version"
         )
     _check_fields(data, where)
     return data

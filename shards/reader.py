@@ -2,6 +2,7 @@
 
 ``expand_urls(spec)`` -> ``iter_tar_samples(urls)`` (raw member bytes) -> ``decode_sample`` (numpy
 arrays, label, metadata; the image stays as its original bytes) -> ``teacher_distribution``.
+Samples of schema versions 1 and 2 decode to the same dict, so a shard set may mix them.
 Nothing here unpickles: ``.npy`` members with object dtypes are refused (``load_npy``).
 """
 
@@ -22,7 +23,7 @@ from webdataset import shardlists, tariterators
 
 from deitpipe.shards import schema
 
-_NPY_MEMBERS = schema.VIEW_MEMBERS + (schema.SOFTMAX,)
+_V1_MEMBERS = schema.V1_VIEW_MEMBERS + (schema.SOFTMAX,)
 
 
 def open_url(url: str) -> str:
@@ -176,6 +177,11 @@ def load_npy(data: bytes) -> np.ndarray:
     Raises:
         ValueError: one line: not ``.npy``, an object (pickled) dtype, or fewer bytes than declared.
     """
+    return _npy_view(data).copy()
+
+
+def _npy_view(data: bytes) -> np.ndarray:
+    """:func:`load_npy` without the copy: a read-only array over ``data``."""
     header = _npy_header(data)
     if header is None:
         raise ValueError("npy member is not .npy data (no NUMPY magic)")
@@ -191,7 +197,7 @@ def load_npy(data: bytes) -> np.ndarray:
         raise ValueError(f"npy member declares {declared} bytes but holds {held}")
     if dtype.itemsize == 0:
         return np.empty(shape, dtype=dtype, order=order)
-    return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape, order=order).copy()
+    return np.frombuffer(data, dtype=dtype, count=count, offset=len(header)).reshape(shape, order=order)
 
 
 def _parse_npy_header(data: bytes) -> tuple[np.dtype, tuple[int, ...], str]:
@@ -219,6 +225,9 @@ def _npy_header(data: bytes) -> bytes | None:
     return data[:8 + size_bytes + int.from_bytes(data[8:8 + size_bytes], "little")]
 
 
+# Parsing views.npy's structured header (numpy evaluates the header text) costs two to four times
+# what splitting and decoding the whole sample costs otherwise (BENCHMARKS.md, "Loader cost"); a
+# shard set has one such header per (V, K, C), so this holds a handful of entries.
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], str]] = {}
 
 
@@ -230,8 +239,13 @@ def image_member(sample: dict[str, Any]) -> str | None:
     return None
 
 
+def sample_schema_version(raw: dict[str, Any]) -> int:
+    """The schema version a raw sample was written in: 2 with ``views.npy``, else 1."""
+    return 2 if schema.VIEWS in raw else 1
+
+
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Decode the members of one raw sample.
+    """Decode the members of one raw sample, of schema version 1 or 2.
 
     Args:
         raw: A dict from :func:`iter_tar_samples`.
@@ -239,11 +253,16 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     Returns:
         ``{"key", "url", "image" (original bytes), "image_ext", "label" (int), "meta" (dict),
         "box", "flip", "hard", "topk", "prob", "rest"[, "softmax"]}`` with numpy arrays for the
-        per-view members (row 0 is the global view).
+        per-view fields (row 0 is the global view), the same for both versions.
     """
     key = raw["__key__"]
     ext = image_member(raw)
-    missing = [m for m in (schema.CLS, schema.META) + schema.VIEW_MEMBERS if m not in raw]
+    v1 = [m for m in _V1_MEMBERS if m in raw]
+    if schema.VIEWS in raw and v1:
+        raise ValueError(f"{raw.get('__url__', '?')}: sample {key} holds both {schema.VIEWS} (version 2) and "
+                         f"{v1} (version 1); rewrite it with one version")
+    views = (schema.VIEWS,) if schema.VIEWS in raw or not v1 else schema.V1_VIEW_MEMBERS
+    missing = [m for m in (schema.CLS, schema.META) + views if m not in raw]
     if ext is None or missing:
         lacks = missing + ([] if ext is not None else ["<image>"])
         raise ValueError(f"{raw.get('__url__', '?')}: sample {key} lacks members {lacks}")
@@ -255,9 +274,29 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         "label": int(raw[schema.CLS].decode("ascii").strip()),
         "meta": json.loads(raw[schema.META]),
     }
-    for member in _NPY_MEMBERS:
-        if member in raw:
+    if schema.VIEWS in raw:
+        out.update(_split_views(raw[schema.VIEWS], f"{raw.get('__url__', '?')}: sample {key}"))
+    else:
+        for member in v1:
             out[member.removesuffix(".npy")] = load_npy(raw[member])
+    return out
+
+
+_FIELDS = schema.VIEW_FIELDS + (schema.SOFTMAX_FIELD,)
+
+
+def _split_views(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """The fields of a version 2 ``views.npy`` as separate C-ordered arrays in native byte order."""
+    rows = _npy_view(data)
+    names = rows.dtype.names or ()
+    if rows.ndim != 1 or not set(schema.VIEW_FIELDS) <= set(names) or not set(names) <= set(_FIELDS):
+        raise ValueError(f"{where}: {schema.VIEWS} must be a 1-D structured array with fields "
+                         f"{list(schema.VIEW_FIELDS)} [+ softmax], got shape {rows.shape} fields {list(names)}")
+    out = {}
+    for name in _FIELDS:
+        if name in names:
+            col = rows[name]
+            out[name] = col.astype(col.dtype.newbyteorder("="), order="C")
     return out
 
 

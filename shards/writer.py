@@ -1,5 +1,8 @@
 """Writing shards: encode one sample to members, and write a tar that appears only when complete.
 
+Samples are written in schema version 2 (``schema.SCHEMA_VERSION``: the per-view arrays as one
+``views.npy`` member) unless ``encode_sample(..., schema_version=1)`` asks for version 1.
+
 Tars are byte-for-byte reproducible: members in schema order, mtime 0, uid/gid 0, no user or
 group names, mode 0444, and ``.npy``/JSON encodings that depend only on the values. Rerunning a
 stage with the same inputs and teacher therefore writes identical shards (and sha256s).
@@ -22,8 +25,10 @@ import numpy as np
 from deitpipe.shards import schema
 from deitpipe.shards.atomic import commit_file, discard_file, temp_path
 
-_FLOAT_MEMBERS = (schema.PROB, schema.REST, schema.SOFTMAX)
-_CLASS_MEMBERS = (schema.HARD, schema.TOPK)
+_FLOAT_FIELDS = ("prob", "rest", schema.SOFTMAX_FIELD)
+_CLASS_FIELDS = ("hard", "topk")
+_ALL_FIELDS = schema.VIEW_FIELDS + (schema.SOFTMAX_FIELD,)
+_NDIM = {"box": 2, "flip": 1, "hard": 1, "topk": 2, "prob": 2, "rest": 1, schema.SOFTMAX_FIELD: 2}
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -33,26 +38,47 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _member_name(name: str) -> str:
-    return name if name.endswith(".npy") else f"{name}.npy"
-
-
-def _cast_view_array(member: str, arr: Any, num_classes: int | None) -> np.ndarray:
+def _cast_field(field: str, arr: Any, num_classes: int | None) -> np.ndarray:
     arr = np.asarray(arr)
-    if member == schema.BOX:
+    if field == "box":
         return arr.astype(schema.BOX_DTYPE)
-    if member == schema.FLIP:
+    if field == "flip":
         return arr.astype(schema.FLIP_DTYPE)
-    if member in _FLOAT_MEMBERS:
+    if field in _FLOAT_FIELDS:
         return arr.astype(schema.PROB_DTYPE)
-    if member in _CLASS_MEMBERS:
+    if field in _CLASS_FIELDS:
         if num_classes is not None:
             return arr.astype(schema.class_dtype(num_classes))
         if arr.dtype not in (np.dtype(np.uint16), np.dtype(np.int32)):
-            raise ValueError(f"{member} must be uint16 or int32 (schema.class_dtype), got {arr.dtype}")
+            raise ValueError(f"{field} must be uint16 or int32 (schema.class_dtype), got {arr.dtype}")
         return arr
-    known = schema.VIEW_MEMBERS + (schema.SOFTMAX,)
-    raise ValueError(f"unknown view member {member!r}; expected one of {known}")
+    raise ValueError(f"unknown view field {field!r}; expected one of {_ALL_FIELDS}")
+
+
+def _check_shapes(key: str, arrays: dict[str, np.ndarray]) -> None:
+    """One line naming the sample when the per-view arrays do not fit one row layout."""
+    rows = {f: a.shape[0] if a.ndim else -1 for f, a in arrays.items()}
+    if len(set(rows.values())) != 1:
+        raise ValueError(f"sample {key}: per-view arrays disagree on the number of views: {rows}")
+    shapes = {f: a.shape for f, a in arrays.items()}
+    if (any(a.ndim != _NDIM[f] for f, a in arrays.items()) or shapes["box"][1] != 4
+            or shapes["topk"] != shapes["prob"]):
+        raise ValueError(f"sample {key}: per-view arrays have the wrong shapes {shapes}; expected box (V+1, 4), "
+                         "flip, hard and rest (V+1,), topk and prob (V+1, K), softmax (V+1, C)")
+    if arrays["topk"].dtype != arrays["hard"].dtype:
+        raise ValueError(f"sample {key}: topk is {arrays['topk'].dtype} but hard is {arrays['hard'].dtype}")
+
+
+def _views_array(arrays: dict[str, np.ndarray], num_classes: int | None) -> np.ndarray:
+    """The version 2 ``views.npy`` array: one structured row per view."""
+    softmax = arrays.get(schema.SOFTMAX_FIELD)
+    width = softmax.shape[1] if softmax is not None else (num_classes or 0)
+    dtype = schema.views_dtype(width, arrays["topk"].shape[1], softmax is not None,
+                               index_dtype=arrays["hard"].dtype)
+    rows = np.zeros(arrays["box"].shape[0], dtype=dtype)
+    for field, arr in arrays.items():
+        rows[field] = arr
+    return rows
 
 
 def encode_sample(
@@ -64,6 +90,7 @@ def encode_sample(
     meta: Mapping[str, Any],
     views: Mapping[str, np.ndarray],
     num_classes: int | None = None,
+    schema_version: int = schema.SCHEMA_VERSION,
 ) -> dict[str, Any]:
     """Build the member dict of one sample as the schema defines it.
 
@@ -73,46 +100,59 @@ def encode_sample(
         image_ext: Real image type, one of ``schema.IMAGE_EXTENSIONS``.
         label: True class index.
         meta: Source metadata with at least ``path``, ``height``, ``width``.
-        views: Per-view arrays keyed by member name with or without ``.npy`` (``box``, ``flip``,
+        views: Per-view arrays keyed by field name with or without ``.npy`` (``box``, ``flip``,
             ``hard``, ``topk``, ``prob``, ``rest``, optional ``softmax``); all V + 1 rows.
-        num_classes: When given, ``hard``/``topk`` are cast to ``schema.class_dtype``.
+        num_classes: When given, ``hard``/``topk`` are cast to ``schema.class_dtype`` and a
+            ``softmax`` must have this many columns.
+        schema_version: 2 (default) packs the per-view arrays into one ``views.npy`` member;
+            1 writes one ``<field>.npy`` member per array, as version 1 readers expect.
 
     Returns:
-        ``{"__key__": key, "<ext>": bytes, "cls": bytes, "json": bytes, "box.npy": bytes, ...}``.
+        ``{"__key__": key, "<ext>": bytes, "cls": bytes, "json": bytes, "views.npy": bytes}``
+        (version 1: ``"box.npy": bytes, ...`` instead of ``"views.npy"``).
     """
     if not key or "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
     if image_ext not in schema.IMAGE_EXTENSIONS:
         raise ValueError(f"image_ext {image_ext!r} is not one of {schema.IMAGE_EXTENSIONS}")
+    if schema_version not in schema.READABLE_VERSIONS:
+        raise ValueError(f"schema_version {schema_version!r} is not one of {schema.READABLE_VERSIONS}")
     missing = [k for k in ("path", "height", "width") if k not in meta]
     if missing:
         raise ValueError(f"sample {key}: meta lacks {missing}")
-    arrays = {_member_name(k): _cast_view_array(_member_name(k), v, num_classes) for k, v in views.items()}
-    absent = [m for m in schema.VIEW_MEMBERS if m not in arrays]
+    arrays = {k.removesuffix(".npy"): v for k, v in views.items()}
+    arrays = {f: _cast_field(f, v, num_classes) for f, v in arrays.items()}
+    absent = [f for f in schema.VIEW_FIELDS if f not in arrays]
     if absent:
         raise ValueError(f"sample {key}: views lack {absent}")
-    rows = {m: a.shape[0] if a.ndim else -1 for m, a in arrays.items()}
-    if len(set(rows.values())) != 1:
-        raise ValueError(f"sample {key}: per-view arrays disagree on the number of views: {rows}")
+    _check_shapes(key, arrays)
+    softmax = arrays.get(schema.SOFTMAX_FIELD)
+    if softmax is not None and num_classes is not None and softmax.shape[1] != num_classes:
+        raise ValueError(f"sample {key}: softmax has {softmax.shape[1]} columns, num_classes is {num_classes}")
     sample: dict[str, Any] = {
         "__key__": key,
         image_ext: bytes(image_bytes),
         schema.CLS: str(int(label)).encode("ascii"),
         schema.META: json.dumps(dict(meta), sort_keys=True, separators=(",", ":")).encode("utf-8"),
     }
-    for member in schema.VIEW_MEMBERS + (schema.SOFTMAX,):
-        if member in arrays:
-            sample[member] = npy_bytes(arrays[member])
+    if schema_version == 2:
+        sample[schema.VIEWS] = npy_bytes(_views_array(arrays, num_classes))
+        return sample
+    for field in _ALL_FIELDS:
+        if field in arrays:
+            sample[f"{field}.npy"] = npy_bytes(arrays[field])
     return sample
 
 
+_MEMBER_ORDER = (schema.CLS, schema.META, schema.VIEWS) + schema.V1_VIEW_MEMBERS + (schema.SOFTMAX,)
+
+
 def _member_order(member: str) -> tuple[int, str]:
-    fixed = (schema.CLS, schema.META) + schema.VIEW_MEMBERS + (schema.SOFTMAX,)
     if member in schema.IMAGE_EXTENSIONS:
         return 0, member
-    if member in fixed:
-        return 1 + fixed.index(member), member
-    return len(fixed) + 1, member
+    if member in _MEMBER_ORDER:
+        return 1 + _MEMBER_ORDER.index(member), member
+    return len(_MEMBER_ORDER) + 1, member
 
 
 class _HashingFile:

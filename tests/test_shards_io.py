@@ -21,11 +21,12 @@ from deitpipe.shards.reader import decode_sample, expand_urls, iter_samples, ite
 from deitpipe.shards.writer import ShardFileWriter, encode_sample
 
 
-def test_write_three_read_back_identical(tmp_path, sample_maker):
+@pytest.mark.parametrize("version", [2, 1])
+def test_write_three_read_back_identical(tmp_path, sample_maker, version):
     samples = [sample_maker(i, softmax=(i == 1)) for i in range(3)]
     with ShardFileWriter(tmp_path, "shard-000000.tar") as w:
         for s in samples:
-            w.write(encode_sample(**s))
+            w.write(encode_sample(**s, schema_version=version))
     assert w.count == 3 and w.sha256 == file_sha256(tmp_path / "shard-000000.tar")
     got = list(iter_samples(str(tmp_path / "shard-000000.tar")))
     assert [g["key"] for g in got] == [s["key"] for s in samples]
@@ -37,13 +38,14 @@ def test_write_three_read_back_identical(tmp_path, sample_maker):
     assert "softmax" in got[1] and "softmax" not in got[0]
 
 
-def test_member_order_and_deterministic_headers(tmp_path, sample_maker):
+@pytest.mark.parametrize("version, views", [(2, [schema.VIEWS]), (1, list(schema.V1_VIEW_MEMBERS) + [schema.SOFTMAX])])
+def test_member_order_and_deterministic_headers(tmp_path, sample_maker, version, views):
     with ShardFileWriter(tmp_path, "a.tar") as w:
-        w.write(encode_sample(**sample_maker(0, softmax=True)))
+        w.write(encode_sample(**sample_maker(0, softmax=True), schema_version=version))
     with tarfile.open(tmp_path / "a.tar") as tar:
         members = tar.getmembers()
     names = [m.name.split(".", 1)[1] for m in members]
-    assert names == ["png", "cls", "json"] + list(schema.VIEW_MEMBERS) + [schema.SOFTMAX]
+    assert names == ["png", "cls", "json"] + views
     assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.uname == "" for m in members)
 
 
@@ -82,13 +84,22 @@ def test_encode_sample_validates(sample_maker):
         encode_sample(**{**s, "views": {**s["views"], "flip": np.zeros(7, np.uint8)}})
     with pytest.raises(ValueError, match="uint16 or int32"):
         encode_sample(**{**s, "views": {**s["views"], "hard": s["views"]["hard"].astype(np.int64)}})
+    with pytest.raises(ValueError, match="wrong shapes"):
+        encode_sample(**{**s, "views": {**s["views"], "prob": s["views"]["prob"][:, :2]}})
+    with pytest.raises(ValueError, match="wrong shapes"):
+        encode_sample(**{**s, "views": {**s["views"], "box": s["views"]["box"][:, :3]}})
+    with pytest.raises(ValueError, match="softmax has 10 columns, num_classes is 12"):
+        encode_sample(**{**sample_maker(0, softmax=True), "num_classes": 12})
+    with pytest.raises(ValueError, match="schema_version 3"):
+        encode_sample(**s, schema_version=3)
     cast = encode_sample(**{**s, "views": {**s["views"], "prob": s["views"]["prob"].astype(np.float32)}})
     assert decode_sample({**cast, "__url__": "u"})["prob"].dtype == np.float16
 
 
-def test_teacher_distribution_topk_and_full(sample_maker):
+@pytest.mark.parametrize("version", [2, 1])
+def test_teacher_distribution_topk_and_full(sample_maker, version):
     s = sample_maker(3, views=2, topk=3, num_classes=10, softmax=True)
-    raw = encode_sample(**s)
+    raw = encode_sample(**s, schema_version=version)
     full = decode_sample({**raw, "__url__": "u"})
     topk_only = {k: v for k, v in full.items() if k != "softmax"}
     for view in range(3):
@@ -273,12 +284,13 @@ def test_load_npy_checks_the_declared_size_before_allocating(shape, declared):
             load_npy(_npy_declaring(shape))
 
 
-def test_a_shard_member_declaring_a_huge_array_is_a_value_error(sample_maker):
-    raw = {**encode_sample(**sample_maker(0)), "__url__": "u"}
-    raw[schema.PROB] = _npy_declaring((10**12, 3), dtype="<f2")
+@pytest.mark.parametrize("version, member", [(1, schema.PROB), (2, schema.VIEWS)])
+def test_a_shard_member_declaring_a_huge_array_is_a_value_error(sample_maker, version, member):
+    raw = {**encode_sample(**sample_maker(0), schema_version=version), "__url__": "u"}
+    raw[member] = _npy_declaring((10**12, 3), dtype="<f2")
     with pytest.raises(ValueError, match="declares 6000000000000 bytes but holds 8"):
         decode_sample(raw)
-    raw[schema.PROB] = _npy_declaring((1,), dtype="|O")
+    raw[member] = _npy_declaring((1,), dtype="|O")
     with pytest.raises(ValueError, match="allow_pickle"):
         decode_sample(raw)
 
