@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deitpipe.pipeline.evaluate import resolve_student
+from deitpipe.shards.atomic import atomic_writer
 from deitpipe.shards.manifest import write_json_atomic
 from deitpipe.student import evaluate
 from deitpipe.student.data import EvalImages, eval_items
@@ -37,8 +38,7 @@ def analyze_student(*, run: str, data: str, out: str | None = None, max_images: 
     if not model.distilled:
         raise ValueError(f"{run}: the student has no distillation token; analyze needs a distilled model")
     items, _ = eval_items(data)
-    dataset = EvalImages(items, img_size=model.config.img_size,
-                         crop_pct=0.875 if model.config.img_size >= 128 else 1.0, skip_undecodable=True)
+    dataset = EvalImages(items, img_size=model.config.img_size, skip_undecodable=True)
     loader = DataLoader(dataset, batch_size=128)
     sims, seen = None, 0
     for batch in dataset.decodable(loader, []):
@@ -71,6 +71,7 @@ def _curves(path: Path) -> dict[str, list[float]]:
 
 
 def _plots(report: dict[str, Any], dest: Path) -> list[str]:
+    # matplotlib is optional (the plots extra) and slow to import: loaded only when plotting.
     try:
         import matplotlib
 
@@ -105,13 +106,14 @@ def _plots(report: dict[str, Any], dest: Path) -> list[str]:
 
 
 def _save(fig, path: Path) -> str:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency, imported by _plots before any call
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_writer(path) as f:
+            fig.savefig(f, format="png", dpi=120)
+    finally:
+        plt.close(fig)
     return str(path)
 
 

@@ -83,8 +83,7 @@ def evaluate_student(*, checkpoint: str, data: str, model: str | None = None, nu
     items, _ = eval_items(data)
     if not items:
         raise ValueError(f"--data {data}: no images to evaluate")
-    dataset = EvalImages(items, img_size=img_size, crop_pct=0.875 if img_size >= 128 else 1.0,
-                         skip_undecodable=not strict)
+    dataset = EvalImages(items, img_size=img_size, skip_undecodable=not strict)
     skipped: list[dict[str, str]] = []
     batches = dataset.decodable(DataLoader(dataset, batch_size=batch_size), skipped)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

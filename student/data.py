@@ -32,13 +32,21 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from deitpipe.shards import schema
-from deitpipe.shards.image import cut_view, decode_image
+from deitpipe.shards.image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageDecodeError,
+    cut_view,
+    decode_image,
+    eval_crop_pct,
+    eval_resize,
+)
+from deitpipe.shards.manifest import read_manifest
 from deitpipe.shards.plan import epoch_sample_order, epoch_shard_order
-from deitpipe.shards.reader import decode_sample, read_shard, shard_name, teacher_distribution
+from deitpipe.shards.reader import decode_sample, expand_urls, read_shard, shard_name, teacher_distribution
+from deitpipe.shards.sources import read_bytes, resolve_source
 from deitpipe.shards.views import epoch_view_index, global_box, random_view_boxes
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TEACHER_LABELS = ("views", "global", "none")
 _FRESH_CROP_TAG = 0x5EED  # separates fresh-crop draws from the stored views' seeds
 
@@ -231,8 +239,9 @@ class EvalImages(torch.utils.data.Dataset):
         items: sequence of ``(load_bytes() -> bytes, label, teacher_hard or -1[, path])``; the
             optional path names the image in errors and in skip reports.
         img_size: the student's input size.
-        crop_pct: centre-crop fraction (DeiT: 0.875); the image is first resized to
-            ``img_size / crop_pct`` on its shorter side.
+        crop_pct: centre-crop fraction; the image is first resized to ``img_size / crop_pct``
+            on its shorter side. None: ``shards.image.eval_crop_pct(img_size)``, DeiT's 0.875
+            from 128 px on and 1.0 (no border cut) for smaller images.
         mean, std: normalisation.
         interpolation: resize interpolation.
         skip_undecodable: an image that does not decode becomes a zero image whose sample
@@ -240,12 +249,13 @@ class EvalImages(torch.utils.data.Dataset):
             :meth:`decodable` to drop; otherwise it raises ``ImageDecodeError`` naming its path.
     """
 
-    def __init__(self, items: list, *, img_size: int, crop_pct: float = 0.875,
+    def __init__(self, items: list, *, img_size: int, crop_pct: float | None = None,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear",
                  skip_undecodable: bool = False) -> None:
         self.items, self.img_size, self.interpolation = items, img_size, interpolation
         self.skip_undecodable = skip_undecodable
-        self.resize = int(round(img_size / crop_pct))
+        self.crop_pct = eval_crop_pct(img_size) if crop_pct is None else crop_pct
+        self.resize = eval_resize(img_size, self.crop_pct)
         self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
     def __len__(self) -> int:
@@ -257,8 +267,6 @@ class EvalImages(torch.utils.data.Dataset):
         return str(item[3]) if len(item) > 3 else f"item {i}"
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        from deitpipe.shards.image import ImageDecodeError
-
         load, label, teacher_hard = self.items[i][:3]
         error = ""
         try:
@@ -314,10 +322,6 @@ def eval_items(spec: str, *, image_size: int = 32, seed: int = 0) -> tuple[list,
         ``(items, class_names)``; items are ``(load, label, teacher_hard, path)``, where shard
         items carry the teacher's global hard label (-1 otherwise) and are named ``url#key``.
     """
-    from deitpipe.shards.manifest import read_manifest
-    from deitpipe.shards.reader import expand_urls
-    from deitpipe.shards.sources import read_bytes, resolve_source
-
     if os.path.isdir(spec) and os.path.exists(os.path.join(spec, schema.MANIFEST_NAME)) or spec.endswith(".tar") \
             or ("{" in spec and ".tar" in spec):
         items = []
@@ -332,4 +336,6 @@ def eval_items(spec: str, *, image_size: int = 32, seed: int = 0) -> tuple[list,
             for c in source.candidates], source.class_names
 
 
-__all__ = ["Augment", "ShardReplay", "EvalImages", "eval_items", "steps_per_epoch", "TEACHER_LABELS"]
+# IMAGENET_MEAN and IMAGENET_STD are re-exported from shards.image, where they are defined.
+__all__ = ["Augment", "ShardReplay", "EvalImages", "eval_items", "steps_per_epoch", "TEACHER_LABELS",
+           "IMAGENET_MEAN", "IMAGENET_STD"]

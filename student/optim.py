@@ -4,6 +4,9 @@ DeiT's recipe: lr = 5e-4 * global_batch / 512, AdamW (weight decay 0.05, none on
 and the tokens / position embedding), 5 warmup epochs from 1e-6, then cosine down to 1e-5.
 The schedule here is stepped every iteration rather than every epoch, which is smoother for
 the short runs the embedded data allows and is what timm does with ``t_in_epochs=False``.
+
+The convnet teacher trains with the same pieces: the same decay split, AdamW or Nesterov SGD
+(``build_optimizer(kind="sgd")``), the same schedule builder and :func:`bf16_autocast`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 from torch import nn
 
 REFERENCE_BATCH = 512  # DeiT's linear scaling rule is written for a batch of 512
+OPTIMIZER_KINDS = ("adamw", "sgd")
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
@@ -31,13 +35,13 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
 
 
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weights, and parameters that should not decay.
+    """Two optimizer groups: decayed weights, and parameters that should not decay.
 
     Not decayed: every parameter with fewer than two dimensions (norm scales, biases) and the
     names in ``model.no_weight_decay()`` (for DeiT: pos_embed, cls_token, dist_token).
 
     Args:
-        model: the student; frozen parameters (requires_grad False) are left out.
+        model: the student or teacher; frozen parameters (requires_grad False) are left out.
         weight_decay: decay of the first group.
     Returns:
         ``[{"params": [...], "weight_decay": wd, "names": [...]}, {... 0.0 ...}]``.
@@ -65,14 +69,20 @@ def build_optimizer(
     lr: float,
     weight_decay: float = 0.05,
     betas: tuple[float, float] = (0.9, 0.999),
-) -> torch.optim.AdamW:
-    """AdamW over ``param_groups(model)``.
+    kind: str = "adamw",
+    momentum: float = 0.9,
+    nesterov: bool = True,
+) -> torch.optim.Optimizer:
+    """AdamW (or SGD) over ``param_groups(model)``.
 
     Args:
-        model: the student.
+        model: the student or teacher.
         lr: peak learning rate (already scaled, see ``scaled_lr``).
-        weight_decay: decoupled weight decay of matrices and conv kernels.
-        betas: Adam's moment coefficients.
+        weight_decay: weight decay of matrices and conv kernels (decoupled for AdamW, L2 for SGD).
+        betas: Adam's moment coefficients (AdamW only).
+        kind: "adamw" or "sgd".
+        momentum: SGD's momentum (SGD only).
+        nesterov: Nesterov momentum (SGD only).
     Returns:
         The optimizer; each group keeps its parameter ``names`` for inspection.
     """
@@ -80,10 +90,14 @@ def build_optimizer(
         raise ValueError(f"--lr must be > 0, got {lr}")
     if weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {weight_decay}")
+    if kind not in OPTIMIZER_KINDS:
+        raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_KINDS)}, got {kind!r}")
+    groups = param_groups(model, weight_decay=weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     # The fused kernel is one launch for all parameters on CUDA; foreach elsewhere.
     fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, weight_decay=weight_decay), lr=lr, betas=betas,
-                             fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def warmup_cosine(
@@ -152,5 +166,20 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [factor_for(p) for p in peaks])
 
 
-__all__ = ["REFERENCE_BATCH", "build_optimizer", "build_scheduler", "param_groups", "scaled_lr",
-           "warmup_cosine"]
+def bf16_autocast(device: torch.device | str) -> torch.autocast:
+    """Autocast to bfloat16 on CUDA; disabled elsewhere.
+
+    bf16 keeps fp32's exponent range, so no loss scaling is needed; the CPU stays in fp32 so
+    that runs there are bit-for-bit reproducible.
+
+    Args:
+        device: where the forward pass runs.
+    Returns:
+        The autocast context manager.
+    """
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+__all__ = ["OPTIMIZER_KINDS", "REFERENCE_BATCH", "bf16_autocast", "build_optimizer", "build_scheduler",
+           "param_groups", "scaled_lr", "warmup_cosine"]

@@ -1,9 +1,10 @@
 """Teacher construction: any torchvision classification model, with fine-tuned weights from a
 file or torchvision's published weights from the torch hub cache.
 
-Every checkpoint is read with ``torch.load(weights_only=True)``, so a weights file can never run
-code. The model comes back in eval mode on the CPU, with a :class:`TeacherInfo` that records
-what was loaded (for manifests) and how its input must be prepared.
+Every checkpoint is read by the student's :func:`~deitpipe.student.checkpoint.read_state_dict`
+(``torch.load(weights_only=True)``), so a weights file can never run code. The model comes back
+in eval mode on the CPU, with a :class:`TeacherInfo` that records what was loaded (for
+manifests) and how its input must be prepared.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torchvision
 from torch import nn
 
 from deitpipe.shards.manifest import file_sha256
+from deitpipe.student.checkpoint import read_state_dict
 from deitpipe.teacher.preprocess import (
     Preprocessing,
     check_teacher_name,
@@ -29,9 +31,8 @@ from deitpipe.teacher.preprocess import (
     resolve_preprocessing,
 )
 
-# Keys under which training scripts nest the model's state dict, in order of preference.
-_CHECKPOINT_KEYS = ("model", "state_dict", "model_ema")
-# DataParallel/DDP and torch.compile wrap the model and prefix every key.
+# DataParallel/DDP and torch.compile wrap the model and prefix every key; read_state_dict removes
+# one "module." only, and a compiled DDP model saves "module._orig_mod." (or the reverse).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # Old torchvision DenseNet checkpoints (still the published ones) name layers "norm.1" etc.
 _DENSENET_LEGACY_KEY = re.compile(
@@ -87,7 +88,8 @@ def build_teacher(
     Args:
         name: torchvision model name, e.g. "regnet_y_16gf".
         weights_path: fine-tuned weights (plain state dict, or nested under "model",
-            "state_dict" or "model_ema"); None for torchvision's default ImageNet weights.
+            "state_dict", "model_ema" or "state_dict_ema"); None for torchvision's default
+            ImageNet weights.
         num_classes: head size; with ``weights_path`` it defaults to the sidecar's value, else
             to the file's classifier shape. Without ``weights_path`` only 1000 is allowed.
         allow_download: fetch torchvision weights missing from the hub cache.
@@ -190,40 +192,29 @@ def _cached_weights_file(weights: torchvision.models.WeightsEnum, *, allow_downl
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict safely and undo common wrappings.
+    """Read a state dict with :func:`~deitpipe.student.checkpoint.read_state_dict`, then undo
+    the wrappings it leaves for torchvision models.
+
+    ``read_state_dict`` unwraps "model", "state_dict", "model_ema" and "state_dict_ema" and one
+    "module." prefix; on top of it the teacher removes any mix of "module."/"_orig_mod."
+    (torch.compile) prefixes and renames old DenseNet keys ("norm.1" -> "norm1").
 
     Args:
-        path: a ``torch.save`` file holding a state dict, or a checkpoint dict with the state
-            dict under "model", "state_dict" or "model_ema".
+        path: a ``torch.save`` file holding a state dict, or a checkpoint dict holding one.
 
     Returns:
-        Flat ``{parameter name: tensor}`` without "module."/"_orig_mod." prefixes.
+        Flat ``{parameter name: tensor}``.
+
+    Raises:
+        ValueError: one line naming the file, when it is missing, not a torch file, or holds no
+            state dict (OSError and MemoryError pass through).
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"cannot read teacher weights {path}: {error}".splitlines()[0]) from error
-    state = checkpoint
-    if isinstance(checkpoint, Mapping) and not _is_state_dict(checkpoint):
-        state = next((checkpoint[k] for k in _CHECKPOINT_KEYS if k in checkpoint), None)
-    if not isinstance(state, Mapping) or not _is_state_dict(state):
-        raise ValueError(
-            f"teacher weights {path} hold no state dict: save model.state_dict(), or a dict with "
-            f"it under one of {', '.join(_CHECKPOINT_KEYS)}"
-        )
-    return {_clean_key(k): v for k, v in state.items()}
-
-
-def _is_state_dict(data: Mapping) -> bool:
-    return len(data) > 0 and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
-    )
+    return {_clean_key(k): v for k, v in read_state_dict(path).items()}
 
 
 def _clean_key(key: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        while key.startswith(prefix):
-            key = key[len(prefix):]
+    while key.startswith(_WRAPPER_PREFIXES):  # each prefix is one dotted component
+        key = key.split(".", 1)[1]
     match = _DENSENET_LEGACY_KEY.match(key)
     return match.group(1) + match.group(2) if match else key
 

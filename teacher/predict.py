@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from deitpipe.shards.schema import class_dtype
+from deitpipe.student.optim import bf16_autocast
 from deitpipe.teacher.models import build_teacher
 from deitpipe.teacher.preprocess import Preprocessing, normalize
 
@@ -115,7 +116,7 @@ def predict_probs(
     pixels = _as_tensor(pixels_uint8)
     on_cuda = device.type == "cuda"
     chunks = []
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+    with torch.inference_mode(), bf16_autocast(device):
         for start in range(0, pixels.shape[0], batch_size):
             chunk = pixels[start : start + batch_size]
             if on_cuda:

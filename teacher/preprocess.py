@@ -14,7 +14,6 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +22,10 @@ from typing import Any
 import torch
 import torchvision
 
+from deitpipe.shards.atomic import atomic_writer
+from deitpipe.shards.image import IMAGENET_MEAN, IMAGENET_STD  # re-exported: defined once there
+
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Sidecar keys that may carry the crop size; "input_size" is what timm-style tools write.
 _CROP_KEYS = ("crop", "input_size")
@@ -197,7 +197,7 @@ def read_sidecar(weights_path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_sidecar(weights_path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
-    """Write the sidecar of a weights file atomically (temp file + rename).
+    """Write the sidecar of a weights file atomically and durably (``shards.atomic``).
 
     Args:
         weights_path: the weights file the sidecar describes.
@@ -208,18 +208,9 @@ def write_sidecar(weights_path: str | os.PathLike, data: Mapping[str, Any]) -> P
     """
     path = sidecar_path(weights_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory so os.replace is a rename on one filesystem: readers never see half a file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(dict(data), file, indent=2, sort_keys=True)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path, text=True) as file:
+        json.dump(dict(data), file, indent=2, sort_keys=True)
+        file.write("\n")
     return path
 
 

@@ -5,6 +5,8 @@ model, class count and names, eval preprocessing) lets ``label-teacher --teacher
 the model through :func:`~deitpipe.teacher.models.build_teacher` without repeating any option.
 Recipe: RandomResizedCrop + flip (the kind of views stage one labels), label-smoothed
 cross-entropy, SGD (Nesterov) or AdamW, one epoch of linear warmup then per-step cosine decay.
+The optimizer, its weight-decay split, the schedule and mixed precision are the student's
+(:mod:`deitpipe.student.optim`).
 Images are decoded once and kept in memory: meant for data sets that fit in RAM (the digits,
 small image folders), not for ImageNet-sized fine-tunes.
 """
@@ -12,7 +14,6 @@ small image folders), not for ImageNet-sized fine-tunes.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -24,18 +25,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from deitpipe.shards.atomic import atomic_writer
+from deitpipe.shards.image import IMAGENET_MEAN, IMAGENET_STD, LARGE_INPUT, eval_resize
 from deitpipe.shards.sources import Source, resolve_source
+from deitpipe.student.optim import bf16_autocast, build_optimizer, build_scheduler
 from deitpipe.teacher.data import SourceImages, eval_transform, train_transform
 from deitpipe.teacher.models import _arch_kwargs, build_teacher
 from deitpipe.teacher.predict import resolve_device
-from deitpipe.teacher.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocessing
+from deitpipe.teacher.preprocess import INTERPOLATIONS, Preprocessing
 from deitpipe.teacher.preprocess import check_teacher_name, sidecar_path, write_sidecar
 
-OPTIMIZERS = {"sgd": dict(lr=0.03, weight_decay=5e-4), "adamw": dict(lr=1e-3, weight_decay=0.05)}
-# From this input size on, the ImageNet conventions apply: eval resize = crop / 0.875 and
-# RandomResizedCrop down to 8% of the image. Below it (digits, CIFAR-sized data) a crop of 8% is
-# a few pixels of stroke, so crops keep at least 25% and the eval resize equals the crop.
-LARGE_INPUT = 128
+# Peak learning rate and weight decay of each optimizer when --lr / --weight-decay are not given.
+OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.03, "weight_decay": 5e-4},
+                      "adamw": {"lr": 1e-3, "weight_decay": 0.05}}
+SGD_MOMENTUM = 0.9  # with Nesterov
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,12 @@ class TeacherTrainConfig:
     num_classes: int | None = None  # None: the number of classes of data
     epochs: int = 30
     batch_size: int = 64
-    lr: float | None = None  # peak; None: 0.03 for sgd, 1e-3 for adamw
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov) or "adamw"
-    weight_decay: float | None = None  # None: 5e-4 for sgd, 0.05 for adamw
+    lr: float | None = None  # peak; None: OPTIMIZER_DEFAULTS[optimizer]["lr"]
+    optimizer: str = "sgd"  # "sgd" (momentum SGD_MOMENTUM, Nesterov) or "adamw"
+    weight_decay: float | None = None  # None: OPTIMIZER_DEFAULTS[optimizer]["weight_decay"]
     label_smoothing: float = 0.1
     img_size: int = 32  # training and eval crop side: the teacher's input size
-    resize: int | None = None  # eval short side; None: img_size below 128 px, else img_size/0.875
+    resize: int | None = None  # eval short side; None: shards.image.eval_resize(img_size)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB, in [0, 1] units
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"  # of training crops and eval resize
@@ -85,21 +88,21 @@ class TeacherTrainConfig:
     @property
     def crop_scale(self) -> tuple[float, float]:
         """RandomResizedCrop's area range."""
+        # ImageNet's 8% from LARGE_INPUT (128 px) on; below it (digits, CIFAR-sized data) a crop
+        # of 8% is a few pixels of stroke, so crops keep at least 25%.
         default = 0.08 if self.img_size >= LARGE_INPUT else 0.25
         return (default if self.min_scale is None else self.min_scale, 1.0)
 
     @property
     def preprocessing(self) -> Preprocessing:
         """The eval preprocessing the trained teacher expects, as written to the sidecar."""
-        resize = self.resize
-        if resize is None:
-            resize = round(self.img_size / 0.875) if self.img_size >= LARGE_INPUT else self.img_size
+        resize = eval_resize(self.img_size) if self.resize is None else self.resize
         return Preprocessing(resize=resize, crop=self.img_size, mean=self.mean, std=self.std,
                              interpolation=self.interpolation)
 
     def resolved(self) -> TeacherTrainConfig:
         """A copy with every None derived from the other options (num_classes excepted)."""
-        lr, wd = OPTIMIZERS[self.optimizer]["lr"], OPTIMIZERS[self.optimizer]["weight_decay"]
+        lr, wd = (OPTIMIZER_DEFAULTS[self.optimizer][k] for k in ("lr", "weight_decay"))
         return replace(self, lr=lr if self.lr is None else self.lr,
                        weight_decay=wd if self.weight_decay is None else self.weight_decay,
                        resize=self.preprocessing.resize, min_scale=self.crop_scale[0])
@@ -115,7 +118,7 @@ def _checks(c: TeacherTrainConfig) -> list[tuple[str, bool, str]]:
         ("epochs", c.epochs >= 1, ">= 1"),
         ("batch_size", c.batch_size >= 1, ">= 1"),
         ("lr", c.lr is None or c.lr > 0, "> 0"),
-        ("optimizer", c.optimizer in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+        ("optimizer", c.optimizer in OPTIMIZER_DEFAULTS, f"one of {', '.join(OPTIMIZER_DEFAULTS)}"),
         ("weight_decay", c.weight_decay is None or c.weight_decay >= 0, ">= 0"),
         ("label_smoothing", 0 <= c.label_smoothing < 1, "in [0, 1)"),
         ("img_size", c.img_size >= 8, ">= 8"),
@@ -217,43 +220,35 @@ def _accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> flo
     model.eval()
     correct = total = 0
     for images, labels in loader:
-        with _autocast(device):
+        with bf16_autocast(device):
             logits = model(images.to(device))
         correct += (logits.argmax(1).cpu() == labels).sum().item()
         total += len(labels)
     return correct / total
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    # bf16 keeps fp32's exponent range, so no loss scaling is needed; CPU stays in fp32 to keep
-    # runs bit-for-bit reproducible.
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def build_teacher_optimizer(
+    model: nn.Module, config: TeacherTrainConfig, *, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The student's optimizer and per-step schedule, set up with the teacher's recipe.
 
+    No decay on norm scales and biases (``student.optim.param_groups``); SGD is Nesterov with
+    momentum ``SGD_MOMENTUM``. Schedule: one epoch of linear warmup from ``lr / steps_per_epoch``
+    (none for a one-epoch run), then cosine to 0 at the last step.
 
-def _optimizer(model: nn.Module, config: TeacherTrainConfig) -> torch.optim.Optimizer:
-    # No decay on norm scales and biases (fewer than 2 dims): decaying them only hurts.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.lr)
-
-
-def _schedule(
-    optimizer: torch.optim.Optimizer, *, epochs: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule: one epoch of linear warmup (none for one epoch), then cosine to 0."""
-    total = epochs * steps_per_epoch
-    warmup = steps_per_epoch if epochs > 1 else 0
-    sched = torch.optim.lr_scheduler
-    cosine = sched.CosineAnnealingLR(optimizer, T_max=total - warmup)
-    if warmup == 0:
-        return cosine
-    linear = sched.LinearLR(optimizer, start_factor=1.0 / warmup, total_iters=warmup)
-    return sched.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])
+    Args:
+        model: the teacher, already on its device.
+        config: a resolved config (``lr`` and ``weight_decay`` set).
+        steps_per_epoch: optimizer steps per epoch.
+    Returns:
+        ``(optimizer, scheduler)``; call ``scheduler.step()`` after every optimizer step.
+    """
+    optimizer = build_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                                kind=config.optimizer, momentum=SGD_MOMENTUM, nesterov=True)
+    scheduler = build_scheduler(optimizer, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+                                warmup_epochs=1 if config.epochs > 1 else 0, min_lr=0.0,
+                                warmup_lr=config.lr / steps_per_epoch)
+    return optimizer, scheduler
 
 
 def _train_epoch(
@@ -266,7 +261,7 @@ def _train_epoch(
     loss_sum = correct = total = 0.0
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with _autocast(device):
+        with bf16_autocast(device):
             logits = model(images)
             loss = loss_fn(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
@@ -284,8 +279,9 @@ def _train_epoch(
 def save_teacher(model: nn.Module, path: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
     """Write ``model.state_dict()`` to ``path`` and the sidecar beside it, both atomically.
 
-    Order: weights to a temporary file, the sidecar, then the rename. A failure leaves no
-    partial or temporary file, and never new weights without the sidecar that describes them.
+    Order: weights to a temporary file, the sidecar, then the rename (``shards.atomic``). A
+    failure leaves no partial or temporary file, and never new weights without the sidecar that
+    describes them.
 
     Args:
         model: the trained model (tensors are saved from the CPU, so the file loads anywhere).
@@ -297,17 +293,9 @@ def save_teacher(model: nn.Module, path: str | os.PathLike, sidecar: dict[str, A
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        write_sidecar(path, sidecar)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as file:
+        torch.save(state, file)
+        write_sidecar(path, sidecar)  # inside the block: a failed sidecar discards the weights
     return path
 
 
@@ -386,8 +374,7 @@ def _fit(
     generator = torch.Generator().manual_seed(config.seed)  # data order
     loader = _loader(train_data, config=config, shuffle=True, generator=generator)
     val_loader = _loader(val_data, config=config, shuffle=False) if val_data else None
-    optimizer = _optimizer(model, config)
-    scheduler = _schedule(optimizer, epochs=config.epochs, steps_per_epoch=len(loader))
+    optimizer, scheduler = build_teacher_optimizer(model, config, steps_per_epoch=len(loader))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict[str, Any]] = []
     desc = f"train-teacher {config.teacher}"

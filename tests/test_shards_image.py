@@ -8,10 +8,14 @@ import torch
 from torchvision.transforms import v2
 
 from deitpipe.shards.image import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     ImageDecodeError,
     cut_view,
     cut_views,
     decode_image,
+    eval_crop_pct,
+    eval_resize,
     sniff_image_type,
     storable_image,
 )
@@ -167,3 +171,29 @@ def test_max_pixels_is_inclusive_and_leaves_other_images_alone(image_bytes):
         decode_image(image_bytes["rgb_png"], max_pixels=64 * 48 - 1)
     with pytest.raises(ImageDecodeError, match="^truncated"):
         decode_image(_png_declaring(100, 100))  # small enough: decoded, and its data is cut short
+
+
+@pytest.mark.parametrize(
+    ("img_size", "crop_pct", "resize"),
+    [(8, 1.0, 8), (32, 1.0, 32), (127, 1.0, 127), (128, 0.875, 146), (224, 0.875, 256),
+     (384, 0.875, 439)],
+)
+def test_eval_crop_keeps_a_border_only_on_imagenet_sized_inputs(img_size, crop_pct, resize):
+    assert eval_crop_pct(img_size) == crop_pct
+    assert eval_resize(img_size) == resize == round(img_size / crop_pct)
+
+
+def test_eval_resize_with_an_explicit_fraction():
+    assert eval_resize(32, 0.875) == 37 and eval_resize(224, 1.0) == 224
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="crop_pct"):
+            eval_resize(224, bad)
+
+
+def test_imagenet_normalisation_is_defined_once():
+    from deitpipe.student import data as student_data
+    from deitpipe.teacher import preprocess
+
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    for module in (student_data, preprocess):
+        assert module.IMAGENET_MEAN is IMAGENET_MEAN and module.IMAGENET_STD is IMAGENET_STD

@@ -175,3 +175,14 @@ def test_rand_augment_options_reach_the_transform():
     assert not any(isinstance(op, RandAugment) for op in Augment(rand_augment=None).build().transforms)
     with pytest.raises(ValueError, match="rand-augment"):
         RandAugment(magnitude=11)
+
+
+@pytest.mark.parametrize(("img_size", "resize"), [(16, 16), (160, 183)])
+def test_eval_images_default_crop_is_the_shared_rule(shards, img_size, resize):
+    from deitpipe.shards.image import eval_resize
+
+    items, _ = eval_items(str(shards))
+    ds = EvalImages(items, img_size=img_size)
+    assert ds.resize == eval_resize(img_size) == resize
+    assert EvalImages(items, img_size=img_size, crop_pct=0.5).resize == 2 * img_size
+    assert ds[0]["image"].shape == (3, img_size, img_size)

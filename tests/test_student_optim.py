@@ -3,7 +3,7 @@ import torch
 
 from deitpipe.student.ema import build_ema
 from deitpipe.student.model import create_student
-from deitpipe.student.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
+from deitpipe.student.optim import bf16_autocast, build_optimizer, build_scheduler, param_groups, scaled_lr
 
 
 def _tiny():
@@ -105,6 +105,27 @@ def test_scheduler_validation(kw, option):
 def test_optimizer_validation():
     with pytest.raises(ValueError, match="--lr"):
         build_optimizer(_tiny(), lr=0.0)
+    with pytest.raises(ValueError, match="--optimizer must be one of adamw, sgd"):
+        build_optimizer(_tiny(), lr=1e-3, kind="adam")
+
+
+def test_sgd_kind_keeps_the_decay_split():
+    model = _tiny()
+    opt = build_optimizer(model, lr=0.1, weight_decay=5e-4, kind="sgd", momentum=0.8, nesterov=True)
+    assert isinstance(opt, torch.optim.SGD)
+    decay, no_decay = opt.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
+    assert decay["momentum"] == 0.8 and decay["nesterov"] and decay["lr"] == 0.1
+    want = param_groups(model, weight_decay=5e-4)
+    assert [g["names"] for g in opt.param_groups] == [g["names"] for g in want]
+    assert isinstance(build_optimizer(model, lr=1e-3), torch.optim.AdamW)  # the default kind
+
+
+def test_bf16_autocast_only_on_cuda():
+    x = torch.randn(2, 3)
+    with bf16_autocast("cpu"):
+        assert (x @ x.T).dtype == torch.float32  # the CPU stays in fp32: reproducible
+    assert bf16_autocast(torch.device("cpu")).fast_dtype == torch.bfloat16
 
 
 def test_ema_moves_towards_model():

@@ -15,6 +15,7 @@ from deitpipe.teacher import (
     build_teacher,
     default_preprocessing,
     file_sha256,
+    load_state_dict_file,
     normalize,
     preprocessing_from_weights,
     read_sidecar,
@@ -106,8 +107,29 @@ def test_wrong_architecture_is_reported(weights_file):
 def test_checkpoint_without_state_dict(tmp_path):
     path = tmp_path / "junk.pt"
     torch.save({"epoch": 1, "lr": 0.5}, path)
-    with pytest.raises(ValueError, match="no state dict"):
+    with pytest.raises(ValueError, match="is not a state dict") as error:
         build_teacher(ARCH, weights_path=path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_compiled_ddp_and_ema_checkpoints_load(tmp_path, small_model):
+    # read_state_dict unwraps "state_dict_ema" and one "module."; the teacher also removes the
+    # "_orig_mod." of torch.compile, in either order.
+    for i, prefix in enumerate(("module._orig_mod.", "_orig_mod.module.", "_orig_mod.")):
+        path = tmp_path / f"ckpt{i}.pth"
+        state = {prefix + k: v for k, v in small_model.state_dict().items()}
+        torch.save({"state_dict_ema": state, "epoch": 3}, path)
+        assert load_state_dict_file(path).keys() == small_model.state_dict().keys()
+        model, _ = build_teacher(ARCH, weights_path=path)
+        assert _same_outputs(model, small_model)
+
+
+def test_unreadable_weights_file_is_one_line(tmp_path):
+    path = tmp_path / "teacher.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="cannot read checkpoint") as error:
+        build_teacher(ARCH, weights_path=path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_missing_weights_file(tmp_path):

@@ -15,9 +15,12 @@ from deitpipe.teacher import build_teacher, read_sidecar, sidecar_path
 from deitpipe.teacher import train as train_mod
 from deitpipe.teacher.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from deitpipe.teacher.data import SourceImages, eval_transform
+from deitpipe.student.optim import param_groups
 from deitpipe.teacher.train import (
+    OPTIMIZER_DEFAULTS,
     TeacherTrainConfig,
     build_start_model,
+    build_teacher_optimizer,
     evaluate_teacher,
     replace_head,
     save_teacher,
@@ -95,7 +98,8 @@ def test_defaults_follow_input_size_and_optimizer():
     small, large = TeacherTrainConfig(), TeacherTrainConfig(img_size=224)
     assert (small.preprocessing.resize, small.crop_scale) == (32, (0.25, 1.0))
     assert (large.preprocessing.resize, large.crop_scale) == (256, (0.08, 1.0))
-    assert small.lr is None and small.resolved().lr == 0.03
+    assert small.lr is None and small.resolved().lr == 0.03 == OPTIMIZER_DEFAULTS["sgd"]["lr"]
+    assert OPTIMIZER_DEFAULTS["adamw"] == {"lr": 1e-3, "weight_decay": 0.05}
     assert TeacherTrainConfig(optimizer="adamw").resolved().weight_decay == 0.05
     resolved = TeacherTrainConfig(mean=[0.1, 0.2, 0.3], lr=0.5).resolved()
     assert resolved.mean == (0.1, 0.2, 0.3) and resolved.lr == 0.5
@@ -185,6 +189,63 @@ def test_failed_save_leaves_no_file(tmp_path, monkeypatch):
     save_teacher(nn.Linear(3, 2), path, {"model": "x"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.pt"]
     assert torch.load(path, weights_only=True)["weight"].shape == (2, 3)
+
+
+def test_failed_torch_save_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "t.pt"
+    save_teacher(nn.Linear(3, 2), path, {"model": "old"})
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_teacher(nn.Linear(3, 2), path, {"model": "new"})
+    assert path.read_bytes() == before and read_sidecar(path) == {"model": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json", "t.pt"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_teacher_optimizer_decays_no_norm_or_bias(optimizer):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(ARCH, num_classes=3)
+    config = TeacherTrainConfig(teacher=ARCH, optimizer=optimizer).resolved()
+    opt, _ = build_teacher_optimizer(model, config, steps_per_epoch=4)
+    decay, no_decay = opt.param_groups
+    assert [g["names"] for g in opt.param_groups] == [
+        g["names"] for g in param_groups(model, weight_decay=config.weight_decay)
+    ]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (config.weight_decay, 0.0)
+    norms = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+             for p in ("weight", "bias")}
+    assert norms and norms | {"fc.bias"} <= set(no_decay["names"])
+    assert {"fc.weight", "stem.0.weight"} <= set(decay["names"])
+    assert len(decay["names"]) + len(no_decay["names"]) == len(list(model.parameters()))
+    if optimizer == "sgd":
+        assert isinstance(opt, torch.optim.SGD) and decay["nesterov"] and decay["momentum"] == 0.9
+    else:
+        assert isinstance(opt, torch.optim.AdamW)
+
+
+def _teacher_lrs(epochs: int, steps: int, lr: float = 0.03) -> list[float]:
+    config = TeacherTrainConfig(teacher=ARCH, epochs=epochs, lr=lr).resolved()
+    opt, sched = build_teacher_optimizer(nn.Linear(2, 2), config, steps_per_epoch=steps)
+    lrs = []
+    for _ in range(epochs * steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs + [opt.param_groups[0]["lr"]]  # after the last step
+
+
+def test_teacher_schedule_is_one_warmup_epoch_then_cosine_to_zero():
+    lrs = _teacher_lrs(epochs=3, steps=4)
+    # Linear warmup from lr/steps to lr over one epoch: torch's LinearLR(start_factor=1/steps).
+    assert lrs[:5] == pytest.approx([0.0075, 0.013125, 0.01875, 0.024375, 0.03])
+    assert lrs[8] == pytest.approx(0.015)  # halfway down the cosine
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert _teacher_lrs(epochs=1, steps=4)[:2] == pytest.approx([0.03, 0.03 * (2 + 2**0.5) / 4])
 
 
 def test_undecodable_inputs_are_skipped_and_listed(folder3):
