@@ -122,6 +122,9 @@ class TrainConfig:
     online_teacher: str | None = option(None, "Run this torchvision teacher live on each batch (the paper's method) "
                                         "instead of stored labels.")
     teacher_weights: str | None = option(None, "Weights of --online-teacher.")
+    loader: str | None = option(None, "Where views are decoded, cut and augmented: cpu (DataLoader processes) or "
+                                "gpu (batched on the training device, JPEG shards; others are cut in the "
+                                "processes). Default: gpu on a GPU, else cpu.", choices=("cpu", "gpu"))
     launcher: str = option("ray", "local: this process, no Ray; torchrun: one process per rank under 'torchrun "
                            "--nproc-per-node N -m deitpipe train-student --launcher torchrun ...'; ray: Ray Train "
                            "workers.", choices=("local", "torchrun", "ray"))

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,8 @@ from deitpipe.student.config import TrainConfig
 from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items, steps_per_epoch
 from deitpipe.student.ema import build_ema
 from deitpipe.student.engine import MixupCutmix, evaluate, train_one_epoch
+from deitpipe.student.gpu_augment import BatchAugment
+from deitpipe.student.gpu_replay import DeviceBatches, EncodedShardReplay, collate
 from deitpipe.student.loss import DistillationLoss
 from deitpipe.student.model import create_student
 from deitpipe.student.optim import build_optimizer, build_scheduler, scaled_lr
@@ -81,6 +84,8 @@ def train(cfg: TrainConfig, *, info: dict[str, Any], mode: str, out: str | Path,
         This run's epoch metrics (rank 0 also appended them to ``out/metrics.jsonl``).
     """
     out = Path(out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     if device.type == "cpu":
         torch.set_num_threads(cpus)
     if cfg.loader_workers is None:
@@ -217,24 +222,41 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
+def loader_kind(cfg: TrainConfig, device: torch.device) -> str:
+    """``--loader``, or its default: batched on the device when that is a GPU, else in processes."""
+    return cfg.loader or ("gpu" if device.type == "cuda" else "cpu")
+
+
 def train_loader(cfg: TrainConfig, info: dict[str, Any], mode: str, *, img_size: int, epoch: int, rank: int,
-                 world: int, steps: int, device: torch.device) -> DataLoader:
-    """One rank's loader for one epoch: stored views replayed, then the DeiT augmentation."""
+                 world: int, steps: int, device: torch.device) -> Iterable[dict[str, Any]]:
+    """One rank's batches for one epoch: stored views replayed, then the DeiT augmentation.
+
+    With ``--loader cpu`` the DataLoader's processes decode, cut and augment each sample; with
+    ``--loader gpu`` they only read the encoded bytes and the view arrays, and the training
+    process decodes, cuts and augments whole batches on ``device``, one batch ahead.
+    """
     augment = Augment(rand_augment=cfg.rand_augment, rand_augment_std=cfg.rand_augment_std,
                       random_erasing=cfg.random_erasing, img_size=img_size)
-    dataset = ShardReplay(urls=info["urls"], num_classes=info["num_classes"], num_views=info["views"],
-                          teacher_labels=mode, img_size=img_size, batch_size=cfg.batch_size, steps=steps,
-                          seed=cfg.seed, rank=rank, world_size=world, augment=augment, min_scale=cfg.min_scale)
+    kwargs = dict(urls=info["urls"], num_classes=info["num_classes"], num_views=info["views"], teacher_labels=mode,
+                  img_size=img_size, batch_size=cfg.batch_size, steps=steps, seed=cfg.seed, rank=rank,
+                  world_size=world, min_scale=cfg.min_scale)
+    pin = device.type == "cuda"
+    if loader_kind(cfg, device) == "gpu":
+        encoded = EncodedShardReplay(**kwargs)
+        encoded.set_epoch(epoch)
+        loader = DataLoader(encoded, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=pin,
+                            collate_fn=collate)
+        return DeviceBatches(loader, img_size=img_size, device=device, augment=BatchAugment.from_config(augment),
+                             seed=cfg.seed, epoch=epoch, rank=rank)
+    dataset = ShardReplay(**kwargs, augment=augment)
     dataset.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+    return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=pin,
+                      persistent_workers=False)
 
 
 def _val_loader(cfg: TrainConfig, img_size: int) -> DataLoader:
     items, _ = eval_items(cfg.val)
-    crop_pct = 0.875 if img_size >= 128 else 1.0  # small images have no border to spare
-    return DataLoader(EvalImages(items, img_size=img_size, crop_pct=crop_pct), batch_size=256,
-                      num_workers=cfg.loader_workers)
+    return DataLoader(EvalImages(items, img_size=img_size), batch_size=256, num_workers=cfg.loader_workers)
 
 
 def _mixup(cfg: TrainConfig, num_classes: int, epoch: int, rank: int) -> MixupCutmix | None:

@@ -160,3 +160,16 @@ def test_torchrun_ranks_stop_together_when_rank_zero_cannot_take_the_run(tmp_pat
     assert result.returncode != 0
     assert "in use by another run" in result.stdout + result.stderr
     assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_gpu_loader_path_trains_and_resumes_on_the_cpu_device(tmp_path):
+    # --loader gpu: workers read bytes, the training process decodes, cuts and augments the batch.
+    shards = _shards(tmp_path / "shards")
+    kw = dict(loader="gpu", rand_augment=9, random_erasing=0.25)
+    full = train_student(_config(shards, tmp_path / "full", **kw))
+    assert full["epochs_done"] == 3
+    train_student(_config(shards, tmp_path / "cut", stop_after_steps=7, **kw))
+    train_student(_config(shards, tmp_path / "cut", **kw))
+    assert_same_run(tmp_path / "full", tmp_path / "cut", tol=1e-6)
+    cpu = train_student(_config(shards, tmp_path / "cpu", rand_augment=9, random_erasing=0.25))
+    assert cpu["last"]["loss"] != full["last"]["loss"]  # another path, other draws: the option reached the loader
