@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import RandAugment as TimmRandAugment
 from timm.data import rand_augment_ops
-from timm.data.auto_augment import rand_augment_choices
+from timm.data.auto_augment import posterize, rand_augment_choices
 from timm.data.transforms import str_to_pil_interp
 from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
@@ -85,12 +86,21 @@ class RandAugment:
                    "interpolation": str_to_pil_interp(interpolation)}
         ops = rand_augment_ops(magnitude=float(magnitude), prob=float(p), hparams=hparams,
                                transforms=rand_augment_choices("", increasing=True))
+        for op in ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
         self.timm = TimmRandAugment(ops, num_layers=num_ops)
         self.level, self.level_std, self.ops, self.p = float(magnitude), float(magnitude_std), num_ops, float(p)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) uint8 -> (3, H, W) uint8."""
         return F.pil_to_tensor(self.timm(F.to_pil_image(image)))
+
+
+def _posterize(img: Image.Image, bits: int, **kwargs) -> Image.Image:
+    """timm's posterize, defined at 0 bits: timm asks for 0 at level 10, which Pillow 13 refuses
+    and older Pillow (like TensorFlow's op) answered with a black image."""
+    return Image.new(img.mode, img.size) if bits < 1 else posterize(img, bits, **kwargs)
 
 
 def seed_host_generators(*, seed: int, epoch: int, rank: int, worker: int) -> None:
@@ -207,19 +217,24 @@ class ShardReplay(IterableDataset):
                 if produced == quota:
                     return
 
+    def view_of(self, sample: dict, *, height: int, width: int) -> tuple[int, tuple[int, ...], bool]:
+        """This epoch's view of ``sample``: (row of its teacher label, box, flip).
+
+        ``views``: a stored view and its box. Otherwise a fresh random crop of the
+        ``height`` x ``width`` image, labelled with the global view (row 0): the fixed teacher.
+        """
+        if self.teacher_labels == "views":
+            view = epoch_view_index(seed=self.seed, epoch=self.epoch, key=sample["key"], num_views=self.num_views)
+            return view, tuple(int(v) for v in sample["box"][view]), bool(sample["flip"][view])
+        boxes, flips = random_view_boxes(seed=self.seed * 1_000_003 + self.epoch + _FRESH_CROP_TAG,
+                                         key=sample["key"], num_views=1, height=height, width=width,
+                                         scale=self.scale)
+        return 0, tuple(int(v) for v in boxes[0]), bool(flips[0])
+
     def example(self, sample: dict) -> dict[str, torch.Tensor]:
         """One training example: the cut view, augmented, with its true and teacher labels."""
         img = decode_image(sample["image"])
-        if self.teacher_labels == "views":
-            view = epoch_view_index(seed=self.seed, epoch=self.epoch, key=sample["key"],
-                                    num_views=self.num_views)
-            box, flip = tuple(sample["box"][view]), bool(sample["flip"][view])
-        else:
-            view = 0  # the global view's label, reused under a fresh crop: the fixed teacher
-            boxes, flips = random_view_boxes(seed=self.seed * 1_000_003 + self.epoch + _FRESH_CROP_TAG,
-                                             key=sample["key"], num_views=1, height=img.height,
-                                             width=img.width, scale=self.scale)
-            box, flip = tuple(boxes[0]), bool(flips[0])
+        view, box, flip = self.view_of(sample, height=img.height, width=img.width)
         pixels = cut_view(img, box, flip, self.img_size, interpolation=self.interpolation)
         out = {"image": self.transform(pixels), "label": torch.tensor(sample["label"], dtype=torch.long)}
         if self.teacher_labels != "none":

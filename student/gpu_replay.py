@@ -37,8 +37,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from deitpipe.shards.image import DEFAULT_MAX_PIXELS, ImageDecodeError, cut_view, decode_image
 from deitpipe.shards.reader import teacher_distribution
-from deitpipe.shards.views import epoch_view_index, random_view_boxes
-from deitpipe.student.data import _FRESH_CROP_TAG, Augment, ShardReplay
+from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.student.gpu_augment import BatchAugment, augment_generator
 
 _EXIF_ORIENTATION = 0x0112
@@ -109,15 +108,7 @@ class EncodedShardReplay(ShardReplay):
             orientation, height, width = layout
             if orientation in _TRANSPOSED:
                 height, width = width, height
-        if self.teacher_labels == "views":
-            view = epoch_view_index(seed=self.seed, epoch=self.epoch, key=sample["key"], num_views=self.num_views)
-            box, flip = tuple(int(v) for v in sample["box"][view]), bool(sample["flip"][view])
-        else:
-            view = 0  # as ShardReplay: the global view's label under a fresh crop
-            boxes, flips = random_view_boxes(seed=self.seed * 1_000_003 + self.epoch + _FRESH_CROP_TAG,
-                                             key=sample["key"], num_views=1, height=height, width=width,
-                                             scale=self.scale)
-            box, flip = tuple(int(v) for v in boxes[0]), bool(flips[0])
+        view, box, flip = self.view_of(sample, height=height, width=width)
         _check_box(box, height, width, sample["key"])
         if img is None:
             pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8)
