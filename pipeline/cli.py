@@ -12,6 +12,7 @@ from deitpipe import __version__
 from deitpipe.pipeline.config import LabelConfig
 from deitpipe.pipeline.options import config_options
 from deitpipe.student.config import MODEL_FIELDS, TrainConfig
+from deitpipe.teacher.config import TeacherTrainConfig
 
 
 # Errors a user causes (bad input, a full disk, a missing file) are shown as they are; anything
@@ -122,33 +123,12 @@ def analyze_cmd(run_dir: str, data: str, out: str | None, as_json: bool) -> None
 
 
 @main.command("train-teacher")
-@click.option("--data", default="digits:train", show_default=True,
-              help="Training data: ImageFolder, WebDataset tars, 'digits' or 'digits:train'.")
-@click.option("--out", default="teacher.pt", show_default=True,
-              help="Weights file to write; its JSON sidecar (preprocessing, classes) goes beside it.")
-@click.option("--teacher", default="regnet_y_400mf", show_default=True, help="torchvision classification model name.")
-@click.option("--teacher-weights", default=None, help="Start from these weights (fine-tune); the head is replaced when the class count differs.")
-@click.option("--num-classes", type=int, default=None, help="Head size (default: the data's class count).")
-@click.option("--epochs", type=int, default=30, show_default=True, help="Epochs.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Batch size.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (default 0.1 for sgd, 1e-3 for adamw).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="Optimizer.")
-@click.option("--weight-decay", type=float, default=None, help="Weight decay (default 5e-4 sgd, 0.05 adamw).")
-@click.option("--label-smoothing", type=float, default=0.1, show_default=True, help="Label smoothing.")
-@click.option("--img-size", type=int, default=32, show_default=True, help="Teacher input size (training and eval crop).")
-@click.option("--resize", type=int, default=None, help="Eval resize of the short side (default: img-size below 128 px, else img-size/0.875).")
-@click.option("--min-scale", type=float, default=None, help="RandomResizedCrop lower area bound (default 0.25 below 128 px, else 0.08).")
-@click.option("--val", default=None, help="Held-out data evaluated each epoch, e.g. 'digits:val'.")
-@click.option("--image-size", type=int, default=32, show_default=True, help="Size digits are scaled to.")
-@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader processes.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_teacher_cmd(no_progress: bool, **options) -> None:
+@config_options(TeacherTrainConfig, skip=("mean", "std", "interpolation"))
+def train_teacher_cmd(**options) -> None:
     """Train or fine-tune a torchvision teacher; label-teacher --teacher-weights loads the result."""
-    from deitpipe.teacher.train import TeacherTrainConfig, train_teacher
+    from deitpipe.teacher.train import train_teacher
 
-    result = train_teacher(TeacherTrainConfig(progress=not no_progress, **options))
+    result = train_teacher(TeacherTrainConfig(**options))
     val = result.get("val_top1")
     click.echo(f"{result['weights']}: train top-1 {result['train_top1']:.2f}"
                f"{f', held-out top-1 {val:.2f}' if val is not None else ''}; sidecar {result['sidecar']}")

@@ -21,15 +21,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-Box = Sequence[int]  # (top, left, height, width)
+# The shared image conventions, defined without heavy imports there and re-exported here.
+from deitpipe.shards.conventions import (  # noqa: F401
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LARGE_INPUT,
+    eval_crop_pct,
+    eval_resize,
+)
 
-# The normalisation of ImageNet-trained models (torchvision's and timm's), RGB in [0, 1] units.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# From this side on an image is treated as ImageNet-like: its eval view keeps a border (see
-# eval_crop_pct) and random crops may shrink to 8% of its area. Below it (digits, CIFAR-sized
-# data) the object fills the frame.
-LARGE_INPUT = 128
+Box = Sequence[int]  # (top, left, height, width)
 
 # Leading magic bytes -> type; WebP is checked separately (RIFF....WEBP).
 _MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -244,41 +245,6 @@ def cut_views(
         return torch.empty((0, 3, out_h, out_w), dtype=torch.uint8)
     views = [cut_view(t, b, bool(f), size, interpolation=interpolation) for b, f in zip(boxes, flips)]
     return torch.stack(views)  # (N, 3, H, W)
-
-
-def eval_crop_pct(img_size: int) -> float:
-    """Fraction of the resized image that the eval centre crop keeps, for an input side.
-
-    ImageNet-sized inputs (``img_size >= LARGE_INPUT``) follow the DeiT/timm convention: resize
-    the short side to ``img_size / 0.875`` and centre crop ``img_size``, cutting a border that
-    on photos is mostly background. Small images (digits, CIFAR) have no border to spare: the
-    object fills the frame, and at 32 px a 12.5% border cuts strokes, so they are resized to the
-    crop and nothing is cut.
-
-    Args:
-        img_size: side of the square input the model sees.
-
-    Returns:
-        0.875 for ``img_size >= LARGE_INPUT`` (128), else 1.0.
-    """
-    return 0.875 if img_size >= LARGE_INPUT else 1.0
-
-
-def eval_resize(crop: int, crop_pct: float | None = None) -> int:
-    """Short side to resize to before an eval centre crop of ``crop``: ``round(crop / crop_pct)``.
-
-    Args:
-        crop: side of the centre crop (the model's input size).
-        crop_pct: kept fraction; None for :func:`eval_crop_pct` of ``crop``.
-
-    Returns:
-        The resize side, e.g. 256 for a 224 crop, 32 for a 32 crop.
-    """
-    if crop_pct is None:
-        crop_pct = eval_crop_pct(crop)
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    return int(round(crop / crop_pct))
 
 
 def storable_image(data: bytes, img: Image.Image) -> tuple[bytes, str]:

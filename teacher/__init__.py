@@ -1,57 +1,36 @@
-"""Convnet teachers: construction, weight loading, preprocessing and batched prediction."""
+"""Convnet teachers: construction, weight loading, preprocessing and batched prediction.
 
-from deitpipe.teacher.models import (
-    TeacherInfo,
-    build_teacher,
-    file_sha256,
-    hub_cache_file,
-    load_state_dict_file,
-)
-from deitpipe.teacher.predict import (
-    TeacherOutputs,
-    TeacherPredictor,
-    predict_probs,
-    resolve_device,
-    summarize_probs,
-)
-from deitpipe.teacher.preprocess import (
-    Preprocessing,
-    check_teacher_name,
-    default_preprocessing,
-    default_weights,
-    normalize,
-    preprocessing_from_weights,
-    read_sidecar,
-    resolve_preprocessing,
-    sidecar_path,
-    teacher_names,
-    write_sidecar,
-)
-from deitpipe.teacher.train import TeacherTrainConfig, evaluate_teacher, train_teacher
+The public names load on first use (PEP 562), so importing ``deitpipe.teacher.config`` (which
+the command line does for its options) does not import torch and torchvision.
+"""
 
-__all__ = [
-    "TeacherTrainConfig",
-    "evaluate_teacher",
-    "train_teacher",
-    "Preprocessing",
-    "TeacherInfo",
-    "TeacherOutputs",
-    "TeacherPredictor",
-    "build_teacher",
-    "check_teacher_name",
-    "default_preprocessing",
-    "default_weights",
-    "file_sha256",
-    "hub_cache_file",
-    "load_state_dict_file",
-    "normalize",
-    "predict_probs",
-    "preprocessing_from_weights",
-    "read_sidecar",
-    "resolve_device",
-    "resolve_preprocessing",
-    "sidecar_path",
-    "summarize_probs",
-    "teacher_names",
-    "write_sidecar",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "TeacherInfo": "models", "build_teacher": "models", "file_sha256": "models", "hub_cache_file": "models",
+    "load_state_dict_file": "models",
+    "TeacherOutputs": "predict", "TeacherPredictor": "predict", "predict_probs": "predict",
+    "resolve_device": "predict", "summarize_probs": "predict",
+    "Preprocessing": "preprocess", "check_teacher_name": "preprocess", "default_preprocessing": "preprocess",
+    "default_weights": "preprocess", "normalize": "preprocess", "preprocessing_from_weights": "preprocess",
+    "read_sidecar": "preprocess", "resolve_preprocessing": "preprocess", "sidecar_path": "preprocess",
+    "teacher_names": "preprocess", "write_sidecar": "preprocess",
+    "TeacherTrainConfig": "config", "evaluate_teacher": "train", "train_teacher": "train",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'deitpipe.teacher' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"deitpipe.teacher.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -23,9 +23,8 @@ import torch
 import torchvision
 
 from deitpipe.shards.atomic import atomic_writer
-from deitpipe.shards.image import IMAGENET_MEAN, IMAGENET_STD  # re-exported: defined once there
+from deitpipe.shards.conventions import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD  # re-exported: defined once there
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 # Sidecar keys that may carry the crop size; "input_size" is what timm-style tools write.
 _CROP_KEYS = ("crop", "input_size")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,110 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from deitpipe.shards.atomic import atomic_writer
-from deitpipe.shards.image import IMAGENET_MEAN, IMAGENET_STD, LARGE_INPUT, eval_resize
 from deitpipe.shards.sources import Source, resolve_source
 from deitpipe.student.optim import bf16_autocast, build_optimizer, build_scheduler
+from deitpipe.teacher.config import OPTIMIZER_DEFAULTS, SGD_MOMENTUM, TeacherTrainConfig  # noqa: F401 (re-exported)
 from deitpipe.teacher.data import SourceImages, eval_transform, train_transform
 from deitpipe.teacher.models import _arch_kwargs, build_teacher
 from deitpipe.teacher.predict import resolve_device
-from deitpipe.teacher.preprocess import INTERPOLATIONS, Preprocessing
-from deitpipe.teacher.preprocess import check_teacher_name, sidecar_path, write_sidecar
-
-# Peak learning rate and weight decay of each optimizer when --lr / --weight-decay are not given.
-OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.03, "weight_decay": 5e-4},
-                      "adamw": {"lr": 1e-3, "weight_decay": 0.05}}
-SGD_MOMENTUM = 0.9  # with Nesterov
-
-
-@dataclass(frozen=True)
-class TeacherTrainConfig:
-    """Options of ``deitpipe train-teacher``; None means "derived from the other options"."""
-
-    data: str = "digits:train"  # resolve_source spec: digits:train, an image folder, tars
-    out: str = "teacher.pt"  # weights file; the sidecar goes beside it (teacher.json)
-    teacher: str = "regnet_y_400mf"  # torchvision classification model name
-    # Start weights to fine-tune (state dict file, sidecar optional); the classifier is
-    # re-initialised when its class count differs from num_classes.
-    teacher_weights: str | None = None
-    num_classes: int | None = None  # None: the number of classes of data
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float | None = None  # peak; None: OPTIMIZER_DEFAULTS[optimizer]["lr"]
-    optimizer: str = "sgd"  # "sgd" (momentum SGD_MOMENTUM, Nesterov) or "adamw"
-    weight_decay: float | None = None  # None: OPTIMIZER_DEFAULTS[optimizer]["weight_decay"]
-    label_smoothing: float = 0.1
-    img_size: int = 32  # training and eval crop side: the teacher's input size
-    resize: int | None = None  # eval short side; None: shards.image.eval_resize(img_size)
-    mean: tuple[float, float, float] = IMAGENET_MEAN  # RGB, in [0, 1] units
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"  # of training crops and eval resize
-    min_scale: float | None = None  # crop area bound; None: 0.25 below 128 px, else 0.08
-    seed: int = 0  # model initialisation, data order, augmentation
-    num_workers: int = 0  # DataLoader workers; 0 is fastest for small in-memory images
-    val: str | None = None  # held-out input evaluated after every epoch, e.g. "digits:val"
-    image_size: int = 32  # side at which digits sources are rendered
-    device: str = "auto"  # "auto", "cpu" or "cuda[:N]"
-    progress: bool = False  # progress bar on stderr
-
-    def __post_init__(self) -> None:
-        for name in ("mean", "std"):  # click and JSON give lists; store canonical tuples
-            value = tuple(float(v) for v in getattr(self, name))
-            if len(value) != 3:
-                raise ValueError(f"--{name} needs 3 values (R G B), got {len(value)}")
-            object.__setattr__(self, name, value)
-        for field, ok, need in _checks(self):
-            if not ok:
-                value = getattr(self, field)
-                raise ValueError(f"--{field.replace('_', '-')} must be {need}, got {value!r}")
-        check_teacher_name(self.teacher)
-        if self.teacher_weights is not None and not Path(self.teacher_weights).is_file():
-            raise ValueError(f"--teacher-weights {self.teacher_weights} is not a file")
-
-    @property
-    def crop_scale(self) -> tuple[float, float]:
-        """RandomResizedCrop's area range."""
-        # ImageNet's 8% from LARGE_INPUT (128 px) on; below it (digits, CIFAR-sized data) a crop
-        # of 8% is a few pixels of stroke, so crops keep at least 25%.
-        default = 0.08 if self.img_size >= LARGE_INPUT else 0.25
-        return (default if self.min_scale is None else self.min_scale, 1.0)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """The eval preprocessing the trained teacher expects, as written to the sidecar."""
-        resize = eval_resize(self.img_size) if self.resize is None else self.resize
-        return Preprocessing(resize=resize, crop=self.img_size, mean=self.mean, std=self.std,
-                             interpolation=self.interpolation)
-
-    def resolved(self) -> TeacherTrainConfig:
-        """A copy with every None derived from the other options (num_classes excepted)."""
-        lr, wd = (OPTIMIZER_DEFAULTS[self.optimizer][k] for k in ("lr", "weight_decay"))
-        return replace(self, lr=lr if self.lr is None else self.lr,
-                       weight_decay=wd if self.weight_decay is None else self.weight_decay,
-                       resize=self.preprocessing.resize, min_scale=self.crop_scale[0])
-
-
-def _checks(c: TeacherTrainConfig) -> list[tuple[str, bool, str]]:
-    """``(field, valid, what it must be)`` for every option with a simple range."""
-    return [
-        ("data", bool(c.data), "an input (digits:train, a folder or tars)"),
-        ("out", bool(c.out) and Path(c.out).suffix != ".json",
-         "a weights file such as teacher.pt (not .json: that is the sidecar's name)"),
-        ("num_classes", c.num_classes is None or c.num_classes >= 2, ">= 2"),
-        ("epochs", c.epochs >= 1, ">= 1"),
-        ("batch_size", c.batch_size >= 1, ">= 1"),
-        ("lr", c.lr is None or c.lr > 0, "> 0"),
-        ("optimizer", c.optimizer in OPTIMIZER_DEFAULTS, f"one of {', '.join(OPTIMIZER_DEFAULTS)}"),
-        ("weight_decay", c.weight_decay is None or c.weight_decay >= 0, ">= 0"),
-        ("label_smoothing", 0 <= c.label_smoothing < 1, "in [0, 1)"),
-        ("img_size", c.img_size >= 8, ">= 8"),
-        ("resize", c.resize is None or c.resize >= c.img_size, f">= --img-size ({c.img_size})"),
-        ("std", min(c.std) > 0, "positive"),
-        ("interpolation", c.interpolation in INTERPOLATIONS, f"one of {', '.join(INTERPOLATIONS)}"),
-        ("min_scale", c.min_scale is None or 0 < c.min_scale <= 1, "in (0, 1]"),
-        ("seed", c.seed >= 0, ">= 0"),
-        ("num_workers", c.num_workers >= 0, ">= 0"),
-        ("image_size", c.image_size >= 8, ">= 8"),
-    ]
+from deitpipe.teacher.preprocess import Preprocessing, sidecar_path, write_sidecar
 
 
 def replace_head(model: nn.Module, num_classes: int) -> str:
