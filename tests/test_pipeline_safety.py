@@ -23,7 +23,7 @@ from deitpipe.student.data import Augment, ShardReplay
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
         "--batch-size", "4", "--num-workers", "1", "--cpus-per-worker", "1", "--rand-augment", "-1",
-        "--no-progress"]
+        "--launcher", "local", "--no-progress"]
 
 
 def _run(*args):

@@ -124,7 +124,8 @@ def test_outputs_load_in_timm_and_evaluate(tmp_path):
     timm = pytest.importorskip("timm")
     shards = _shards(tmp_path)
     out = tmp_path / "run"
-    result = train_student(_config(shards, out, epochs=1, val=str(shards), distillation="soft", tau=2.0))
+    result = train_student(_config(shards, out, epochs=1, val=str(shards), distillation="soft", tau=2.0,
+                                   launcher="local"))  # the outputs are the core's, whichever launcher
     assert result["last"]["val_n"] == 40 and 0 <= result["last"]["val_top1_avg"] <= 100
     config = json.loads((out / "config.json").read_text())
     assert config["distillation"] == "soft" and config["tau"] == 2.0
@@ -151,10 +152,10 @@ def test_finetune_at_a_higher_resolution_starts_from_the_resampled_checkpoint(tm
 
     shards = _shards(tmp_path)
     base, fine = tmp_path / "base", tmp_path / "fine"
-    train_student(_config(shards, base, epochs=1))
+    train_student(_config(shards, base, epochs=1, launcher="local"))
     # lr so small that the fine-tuned weights are the loaded ones: what was loaded is visible
     train_student(_config(shards, fine, epochs=1, img_size=24, finetune=str(base / "student.pt"), lr=1e-12,
-                          warmup_epochs=0))
+                          warmup_epochs=0, launcher="local"))
     before = torch.load(base / "student.pt", weights_only=True)
     after = torch.load(fine / "student.pt", weights_only=True)
     assert after["pos_embed"].shape == (1, 2 + 6 * 6, 32)  # 24 px / patch 4: a 6x6 grid
@@ -169,9 +170,9 @@ def test_finetune_at_a_higher_resolution_starts_from_the_resampled_checkpoint(tm
 def test_a_different_run_into_the_same_out_refuses(tmp_path):
     shards = _shards(tmp_path, n=16)
     out = tmp_path / "run"
-    train_student(_config(shards, out, epochs=1))
+    train_student(_config(shards, out, epochs=1, launcher="local"))
     with pytest.raises(TrainError, match="--alpha.*--overwrite"):
-        train_student(_config(shards, out, epochs=1, alpha=0.9))
+        train_student(_config(shards, out, epochs=1, alpha=0.9, launcher="local"))
 
 
 def test_manifest_checks_are_one_line(tmp_path):
