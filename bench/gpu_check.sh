@@ -1,14 +1,32 @@
 #!/usr/bin/env bash
-# DeiT-S training throughput and MFU on a GPU machine: one prepared run, no network needed.
+# The prepared GPU check (bench/gpu_check.py): DeiT-S and DeiT-Ti training throughput in memory and
+# from shards (--loader gpu and --loader cpu), MFU, and offline vs online distillation; one run,
+# about 5 minutes on an H100/H200, no network needed.
 #
-# Usage (from anywhere): bash bench/gpu_check.sh [gpu_check.py options]
-# Picks a Python whose torch sees CUDA (else the first with torch; PYTHON=... forces one),
-# makes deitpipe importable (pip install -e . --no-deps offline, else a link to the repository
-# root), then runs bench/gpu_check.py: its in-memory run needs only torch and deitpipe's student
-# modules; its run from synthetic shards also needs webdataset (pip install --no-index
-# --find-links DIR webdataset braceexpand where the machine has no index) and is skipped without.
+# Preparation, once, HERE in the repository root (the GPU image has no webdataset, which the rows
+# from shards need; both wheels are pure Python):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl webdataset==1.0.2 braceexpand==0.1.7
+# (webdataset's other needs, numpy and pyyaml, are on the image.)
+#
+# The device call: run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=420).
+# Results: one JSON line per row and a final summary line on stdout; also $OUT/gpu_check.jsonl and
+# the progress log $OUT/gpu_check.log. Options after the script name go to gpu_check.py (e.g.
+# --rows s_memory,s_gpu_loader for a shorter rerun; --budget-s, --hard-limit-s; GPU_CHECK_TIMEOUT_S
+# raises the outer limit for longer manual runs).
+#
+# What it does: installs the wheels in .whl/ when present (into /tmp/site, offline); picks a Python
+# whose torch sees CUDA (else the first with torch; PYTHON=... forces one); makes deitpipe
+# importable (pip install -e . --no-deps offline, else a link to the repository root); says when
+# webdataset is missing (the rows from shards are then skipped with that reason); runs the check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [[ -n "${OUT:-}" ]]; then
+    exec 2> >(tee -a "$OUT/gpu_check.log" >&2)
+fi
 
 pick_python() {
     local candidates=(${PYTHON:-} .venv/bin/python python3 python)
@@ -28,7 +46,20 @@ pick_python() {
 
 PY=$(pick_python)
 echo "gpu_check: python $PY" >&2
-"$PY" -c "import torch; print('gpu_check: torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())" >&2
+
+shopt -s nullglob
+wheels=(.whl/*.whl)
+shopt -u nullglob
+if (( ${#wheels[@]} )); then
+    # Carried wheels (see the preparation above): offline, into a folder of their own.
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            "${wheels[@]}" >&2; then
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        echo "gpu_check: installed ${#wheels[@]} carried wheels into /tmp/site" >&2
+    else
+        echo "gpu_check: installing the carried wheels failed; going on without them" >&2
+    fi
+fi
 
 if ! "$PY" -c "import deitpipe.student.model" 2>/dev/null; then
     # Offline: no index, no build isolation (which would fetch setuptools), no dependencies.
@@ -45,4 +76,16 @@ if ! "$PY" -c "import deitpipe.student.model" 2>/dev/null; then
     echo "gpu_check: using deitpipe from $PWD via $shim" >&2
 fi
 
-exec "$PY" bench/gpu_check.py "$@"
+"$PY" - >&2 <<'EOF'
+import importlib.util, torch
+print("gpu_check: torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if importlib.util.find_spec("webdataset") is None:
+    print("gpu_check: webdataset is missing: the rows from shards (loaders, online teacher) will be skipped; "
+          "carry its wheels (.whl, see the top of bench/gpu_check.sh)")
+EOF
+
+export PYTHONUNBUFFERED=1
+# gpu_check.py stops its last row at --hard-limit-s (330 s) and prints the summary; this outer limit
+# only ends a process that hangs after that, well inside the device call's timeout_s of 420.
+limit=(); command -v timeout >/dev/null && limit=(timeout -k 10 "${GPU_CHECK_TIMEOUT_S:-360}")
+exec "${limit[@]}" "$PY" bench/gpu_check.py "$@"
