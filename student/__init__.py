@@ -6,8 +6,7 @@ the command line does for its options) does not import torch and timm.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from deitpipe import lazy_names
 
 _WHERE = {
     "load_checkpoint": "checkpoint", "read_state_dict": "checkpoint", "resample_pos_embed": "checkpoint",
@@ -18,14 +17,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'deitpipe.student' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"deitpipe.student.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -6,8 +6,7 @@ the command line does for its options) does not import torch and torchvision.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from deitpipe import lazy_names
 
 _WHERE = {
     "TeacherInfo": "models", "build_teacher": "models", "file_sha256": "models", "hub_cache_file": "models",
@@ -23,14 +22,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'deitpipe.teacher' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"deitpipe.teacher.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_WHERE))
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,28 @@ def shard_set_writer():
 def smooth_image():
     """:func:`smooth_rgb` as a fixture: ``smooth_image(height, width)`` -> RGB image."""
     return smooth_rgb
+
+
+def write_digit_folder(root: Path, n: int = 8, *, size: tuple[int, int] = (16, 16)) -> Path:
+    """An ImageFolder ``root/<digit>/<i>.png`` of the first ``n`` of scikit-learn's digits, RGB at ``size``."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i in range(n):
+        p = root / str(d.target[i]) / f"{i:03d}.png"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((d.images[i] * 15).astype(np.uint8)).resize(size).convert("RGB").save(p)
+    return root
+
+
+def write_teacher(path: Path, num_classes: int = 10, *, side: int = 16) -> Path:
+    """An untrained resnet18 teacher's weights at ``path`` with the sidecar label-teacher reads."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.get_model("resnet18", num_classes=num_classes).state_dict(), path)
+    sidecar = {"model": "resnet18", "num_classes": num_classes, "resize": side, "crop": side,
+               "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path

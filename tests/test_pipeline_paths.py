@@ -6,13 +6,10 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-import torchvision
 from click.testing import CliRunner
-from PIL import Image
 
+from conftest import write_digit_folder, write_teacher
 from deitpipe.pipeline.cli import main
 from deitpipe.pipeline.config import LabelConfig, TrainConfig, absolute_spec
 from deitpipe.shards import schema
@@ -45,26 +42,6 @@ def test_configs_resolve_every_path_they_hand_to_workers(tmp_path, monkeypatch):
     assert LabelConfig(data="digits:train").resolved().data == "digits:train"
 
 
-def _digit_folder(root: Path, n: int = 8) -> Path:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    for i in range(n):
-        p = root / str(d.target[i]) / f"{i:03d}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((d.images[i] * 15).astype(np.uint8)).resize((16, 16)).convert("RGB").save(p)
-    return root
-
-
-def _teacher(path: Path, num_classes: int) -> Path:
-    torch.manual_seed(0)
-    torch.save(torchvision.models.get_model("resnet18", num_classes=num_classes).state_dict(), path)
-    sidecar = {"model": "resnet18", "num_classes": num_classes, "resize": 16, "crop": 16,
-               "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
-    path.with_suffix(".json").write_text(json.dumps(sidecar))
-    return path
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_commands_with_relative_paths_from_another_directory(tmp_path, monkeypatch):
@@ -72,8 +49,8 @@ def test_commands_with_relative_paths_from_another_directory(tmp_path, monkeypat
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    _digit_folder(Path("imgs"))
-    _teacher(Path("teacher.pt"), 10)
+    write_digit_folder(Path("imgs"))
+    write_teacher(Path("teacher.pt"), 10)
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
              log_to_driver=False)
     try:

@@ -8,16 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import write_shard_set
+from conftest import write_digit_folder, write_shard_set, write_teacher
 from deitpipe.pipeline.cli import main
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.outdir import LOCK_NAME, OutputError, locked
-from deitpipe.pipeline.train import RUN_MARKER, TrainError, _prepare_out, train_student
+from deitpipe.pipeline.train import RUN_MARKER, TrainError, _prepare_out
 from deitpipe.shards import schema
 from deitpipe.student.data import Augment, ShardReplay
 
@@ -52,26 +50,6 @@ def _survived(folder: Path, files: dict[str, bytes]) -> None:
         assert (folder / rel).read_bytes() == data, rel
 
 
-def _teacher(path: Path, num_classes: int = 10) -> Path:
-    torch.manual_seed(0)
-    torch.save(torchvision.models.get_model("resnet18", num_classes=num_classes).state_dict(), path)
-    sidecar = {"model": "resnet18", "num_classes": num_classes, "resize": 16, "crop": 16,
-               "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
-    path.with_suffix(".json").write_text(json.dumps(sidecar))
-    return path
-
-
-def _images(root: Path, n: int = 6) -> Path:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    for i in range(n):
-        p = root / str(d.target[i]) / f"{i:03d}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((d.images[i] * 15).astype(np.uint8)).resize((16, 16)).convert("RGB").save(p)
-    return root
-
-
 def _label_args(data, out, weights, *extra):
     return ["label-teacher", "--data", data, "--out", out, "--teacher", "resnet18", "--teacher-weights", weights,
             "--views", "2", "--topk", "2", "--shard-size", "4", "--device", "cpu", "--no-progress", *extra]
@@ -87,7 +65,7 @@ def _shards(folder: Path, n: int = 16, **kw) -> Path:
 
 @pytest.mark.parametrize("flags", [[], ["--overwrite"]])
 def test_label_teacher_refuses_a_foreign_folder_and_deletes_nothing(tmp_path, flags):
-    weights, data = _teacher(tmp_path / "t.pt"), _images(tmp_path / "imgs")
+    weights, data = write_teacher(tmp_path / "t.pt"), write_digit_folder(tmp_path / "imgs")
     victim = tmp_path / "victim"
     files = _plant(victim)
     line = _one_line_error(_run(*_label_args(data, victim, weights, *flags)))
@@ -97,7 +75,7 @@ def test_label_teacher_refuses_a_foreign_folder_and_deletes_nothing(tmp_path, fl
 
 
 def test_label_teacher_refuses_inputs_inside_its_output(tmp_path):
-    weights = _teacher(tmp_path / "t.pt")
+    weights = write_teacher(tmp_path / "t.pt")
     victim = tmp_path / "victim"
     victim.mkdir()
     write_shard_set(victim, num_samples=4, shard_size=2)  # WebDataset tars with .cls: valid inputs
@@ -191,7 +169,7 @@ def test_a_second_run_into_a_locked_out_is_refused_with_its_holder(tmp_path):
 @pytest.mark.slow
 def test_own_outputs_with_planted_files_keep_the_users_files(tmp_path):
     ray = pytest.importorskip("ray")
-    weights, data = _teacher(tmp_path / "t.pt"), _images(tmp_path / "imgs", n=8)
+    weights, data = write_teacher(tmp_path / "t.pt"), write_digit_folder(tmp_path / "imgs", n=8)
     shards, run = tmp_path / "shards", tmp_path / "run"
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=256 << 20,
              log_to_driver=False)
@@ -226,7 +204,7 @@ def test_own_outputs_with_planted_files_keep_the_users_files(tmp_path):
 @pytest.mark.ray
 def test_label_teacher_that_labels_nothing_fails_and_leaves_the_manifest_incomplete(tmp_path):
     ray = pytest.importorskip("ray")
-    weights = _teacher(tmp_path / "t.pt")
+    weights = write_teacher(tmp_path / "t.pt")
     data = tmp_path / "bad"
     for i in range(3):
         (data / "a").mkdir(parents=True, exist_ok=True)
