@@ -9,7 +9,7 @@ import sys
 import click
 
 from deitpipe import __version__
-from deitpipe.pipeline.config import LabelConfig
+from deitpipe.pipeline.config import DemoConfig, LabelConfig
 from deitpipe.pipeline.options import config_options
 from deitpipe.student.config import MODEL_FIELDS, TrainConfig
 from deitpipe.teacher.config import TeacherTrainConfig
@@ -123,7 +123,7 @@ def analyze_cmd(run_dir: str, data: str, out: str | None, as_json: bool) -> None
 
 
 @main.command("train-teacher")
-@config_options(TeacherTrainConfig, skip=("mean", "std", "interpolation"))
+@config_options(TeacherTrainConfig)
 def train_teacher_cmd(**options) -> None:
     """Train or fine-tune a torchvision teacher; label-teacher --teacher-weights loads the result."""
     from deitpipe.teacher.train import train_teacher
@@ -135,19 +135,12 @@ def train_teacher_cmd(**options) -> None:
 
 
 @main.command("demo")
-@click.option("--out", default="demo-out", show_default=True, help="Directory for every stage's output.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of split, teacher, views and students.")
-@click.option("--teacher", default="resnet18", show_default=True, help="torchvision model trained as the teacher.")
-@click.option("--teacher-epochs", type=int, default=10, show_default=True, help="Teacher epochs.")
-@click.option("--student-epochs", type=int, default=20, show_default=True, help="Epochs of each student.")
-@click.option("--views", type=int, default=16, show_default=True, help="Stored views per image.")
-@click.option("--min-scale", type=float, default=0.35, show_default=True, help="Smallest view area (fraction).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo_cmd(no_progress: bool, **options) -> None:
+@config_options(DemoConfig)
+def demo_cmd(**options) -> None:
     """The whole pipeline on scikit-learn's digits: teacher, labels, two students, table."""
-    from deitpipe.pipeline.demo import DemoConfig, format_results, run_demo
+    from deitpipe.pipeline.demo import format_results, run_demo
 
-    results = run_demo(DemoConfig(progress=not no_progress, **options))
+    results = run_demo(DemoConfig(**options))
     click.echo(format_results(results))
     click.echo(f"results: {options['out']}/results.json, plots: {', '.join(results['plots'])}")
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from deitpipe.shards.specs import absolute_spec
 from deitpipe.student.config import TrainConfig, check_options, option, resolved_paths
 
-__all__ = ["LabelConfig", "TrainConfig", "absolute_spec"]
+__all__ = ["DemoConfig", "LabelConfig", "TrainConfig", "absolute_spec"]
 
 # Fields that do not change what a stage writes: a rerun may change them freely.
 _LABEL_RUNTIME_FIELDS = frozenset({"out", "batch_size", "ray_address", "strict", "overwrite",
@@ -59,3 +59,22 @@ class LabelConfig:
     def fingerprint(self) -> dict:
         """The fields that decide the output's content, as stored in the manifest."""
         return {k: v for k, v in asdict(self).items() if k not in _LABEL_RUNTIME_FIELDS}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What ``deitpipe demo`` does; defaults finish within about ten minutes on two CPU cores."""
+
+    out: str = option("demo-out", "Directory for every stage's output.")
+    seed: int = option(0, "Seed of split, teacher, views and students.")
+    image_size: int = 32  # digits are scaled to this size (library-only)
+    teacher: str = option("resnet18", "torchvision model trained as the teacher.")
+    teacher_epochs: int = option(10, "Teacher epochs.", low=1)
+    student_epochs: int = option(20, "Epochs of each student.", low=1)
+    views: int = option(16, "Stored views per image.", low=1)
+    min_scale: float = option(0.35, "Smallest view area (fraction); the DeiT default 0.08 leaves a 32 px digit "
+                              "a few pixels.", low=0, high=1, open_low=True)
+    progress: bool = option(True, "No progress bars.", flag="--no-progress")
+
+    def __post_init__(self) -> None:
+        check_options(self)

@@ -13,12 +13,12 @@ Every stage is the library call behind its command, so a rerun of the demo resum
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from deitpipe.pipeline.analyze import analyze_student
-from deitpipe.pipeline.config import LabelConfig, TrainConfig, absolute_spec
+from deitpipe.pipeline.config import DemoConfig, LabelConfig, TrainConfig, absolute_spec
 from deitpipe.pipeline.evaluate import evaluate_student
 from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.raysession import ray_session
@@ -26,37 +26,6 @@ from deitpipe.pipeline.train import train_student
 from deitpipe.shards.manifest import write_json_atomic
 from deitpipe.shards.sources import digits_image_folder
 from deitpipe.teacher.train import TeacherTrainConfig, train_teacher
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """The demo's knobs; defaults finish within about ten minutes on two CPU cores.
-
-    Args:
-        out: everything goes here.
-        seed: split, teacher, views and students.
-        image_size: digits are scaled to this size.
-        teacher: torchvision model trained as the teacher.
-        teacher_epochs, student_epochs: schedule lengths.
-        views: stored views per image.
-        min_scale: smallest view area; the DeiT default 0.08 leaves a 32 px digit a few pixels.
-        progress: progress bars.
-    """
-
-    out: str = "demo-out"
-    seed: int = 0
-    image_size: int = 32
-    teacher: str = "resnet18"
-    teacher_epochs: int = 10
-    student_epochs: int = 20
-    views: int = 16
-    min_scale: float = 0.35
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for option, value in (("--teacher-epochs", self.teacher_epochs), ("--student-epochs", self.student_epochs)):
-            if value < 1:
-                raise ValueError(f"{option} must be >= 1, got {value}")
 
 
 def student_config(demo: DemoConfig, *, shards: Path, out: Path, val: Path, distillation: str) -> TrainConfig:

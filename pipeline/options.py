@@ -28,7 +28,8 @@ def config_options(cls: type, *, only: tuple[str, ...] | None = None, skip: tupl
     """
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in fields(cls)}
-    names = [n for n in (only or by_name) if n not in skip]
+    # Fields declared without ``option`` (library-only settings) get no command-line option.
+    names = [n for n in (only or by_name) if n not in skip and by_name[n].metadata.get("help")]
 
     def decorate(command: Callable) -> Callable:
         for name in reversed(names):

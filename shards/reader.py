@@ -22,6 +22,7 @@ import numpy as np
 from webdataset import shardlists, tariterators
 
 from deitpipe.shards import schema
+from deitpipe.shards.specs import is_remote  # re-exported: one definition, importable without webdataset
 
 _V1_MEMBERS = schema.V1_VIEW_MEMBERS + (schema.SOFTMAX,)
 
@@ -34,12 +35,6 @@ def open_url(url: str) -> str:
     if url.startswith("s3://"):
         return f"pipe:aws s3 cp {shlex.quote(url)} -"
     return url
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a URL or a ``pipe:`` command rather than a local path."""
-    text = os.fspath(path)
-    return "://" in text and not text.startswith("file://") or text.startswith("pipe:")
 
 
 def shard_name(url: str) -> str:

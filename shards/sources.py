@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from deitpipe.shards import reader
+from deitpipe.shards.specs import is_tar_spec
 
 # Files whose name says they are not images; anything else (including no extension and image
 # extensions that lie about the type) is a candidate and is judged by its content.
@@ -434,10 +435,6 @@ def read_bytes(candidate: Candidate) -> bytes:
     raise ValueError(f"candidate {candidate.path}: cannot read bytes of kind {candidate.kind!r}")
 
 
-def _is_webdataset_spec(spec: str) -> bool:
-    return "{" in spec or spec.endswith(".tar") or spec.startswith(("pipe:", "s3://")) or "::" in spec
-
-
 def resolve_source(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
     """Resolve an input specification.
 
@@ -460,7 +457,7 @@ def resolve_source(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
     if os.path.isdir(spec):
         cands, names, ignored = list_image_folder(spec)
         return Source(spec=spec, candidates=cands, class_names=names, ignored=ignored)
-    if _is_webdataset_spec(spec):
+    if is_tar_spec(spec):
         cands, skipped = list_webdataset(spec)
         num_classes = max((c.label for c in cands), default=-1) + 1
         names = [str(i) for i in range(num_classes)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from deitpipe.shards.schema import MANIFEST_NAME
+
 # Inputs named by the data set rather than by a path.
 NAMED_DATA = frozenset({"digits", "digits:train", "digits:val"})
 
@@ -27,3 +29,15 @@ def absolute_spec(spec: str | None) -> str | None:
     if "::" in spec:
         return "::".join(absolute_spec(part) for part in spec.split("::"))
     return os.path.abspath(os.path.expanduser(spec))
+
+
+def is_tar_spec(spec: str) -> bool:
+    """Whether ``spec`` names WebDataset tars: a ``.tar`` path or URL, a ``{a..b}`` brace pattern,
+    a ``::`` list, or a ``pipe:`` command or object-store URL."""
+    return ("{" in spec or spec.endswith(".tar") or "::" in spec
+            or spec.startswith(("pipe:", "s3://", "http://", "https://")))
+
+
+def is_shard_set(spec: str) -> bool:
+    """Whether ``spec`` names label-teacher shards: a directory holding its manifest, or tars."""
+    return (os.path.isdir(spec) and os.path.isfile(os.path.join(spec, MANIFEST_NAME))) or is_tar_spec(spec)

@@ -32,7 +32,6 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from deitpipe.shards import schema
 from deitpipe.shards.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -46,6 +45,7 @@ from deitpipe.shards.manifest import read_manifest
 from deitpipe.shards.plan import epoch_sample_order, epoch_shard_order
 from deitpipe.shards.reader import decode_sample, expand_urls, read_shard, shard_name, teacher_distribution
 from deitpipe.shards.sources import read_bytes, resolve_source
+from deitpipe.shards.specs import is_shard_set
 from deitpipe.shards.views import epoch_view_index, global_box, random_view_boxes
 
 TEACHER_LABELS = ("views", "global", "none")
@@ -337,8 +337,7 @@ def eval_items(spec: str, *, image_size: int = 32, seed: int = 0) -> tuple[list,
         ``(items, class_names)``; items are ``(load, label, teacher_hard, path)``, where shard
         items carry the teacher's global hard label (-1 otherwise) and are named ``url#key``.
     """
-    if os.path.isdir(spec) and os.path.exists(os.path.join(spec, schema.MANIFEST_NAME)) or spec.endswith(".tar") \
-            or ("{" in spec and ".tar" in spec):
+    if is_shard_set(spec):
         items = []
         for url in expand_urls(spec):
             for raw in read_shard(url):

@@ -41,7 +41,7 @@ def test_loader_workers_default_to_none_on_cpus_and_all_but_one_cpu_with_a_gpu()
 
 
 @pytest.mark.parametrize(("command", "cls"), [("train-student", "TrainConfig"), ("label-teacher", "LabelConfig"),
-                                              ("train-teacher", "TeacherTrainConfig")])
+                                              ("train-teacher", "TeacherTrainConfig"), ("demo", "DemoConfig")])
 def test_each_option_is_its_config_field(command, cls):
     # One declaration: every declared field is an option with the field's default and help, and
     # nothing else is (library-only fields carry no declaration).

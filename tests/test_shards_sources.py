@@ -271,3 +271,16 @@ def test_truncated_compressed_input_tar_is_one_line(tmp_path, image_bytes):
     (tmp_path / "in.tar").write_bytes(packed[: len(packed) // 2])
     with pytest.raises(ValueError, match=r"in\.tar: not a readable tar \(truncated or corrupt\)"):
         list_webdataset(str(tmp_path / "in.tar"))
+
+
+def test_shard_and_tar_specs_are_told_apart_in_one_place(tmp_path):
+    from deitpipe.shards.specs import is_shard_set, is_tar_spec
+
+    for spec in ("a.tar", "x/train-{000..009}.tar", "a.tar::b.tar", "pipe:cat a.tar", "s3://b/x.tar",
+                 "https://h/x-{0..1}.tar"):
+        assert is_tar_spec(spec) and is_shard_set(spec), spec
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    assert not is_tar_spec(str(folder)) and not is_shard_set(str(folder)) and not is_shard_set("digits:val")
+    (folder / "manifest.json").write_text("{}")
+    assert is_shard_set(str(folder))
