@@ -1,4 +1,8 @@
-"""The ``deitpipe`` command line: each command builds a config and makes one library call."""
+"""The ``deitpipe`` command line: each command builds a config and makes one library call.
+
+Each command imports its library call inside its function, when it runs: torch, timm and Ray load
+only then, so ``--help`` and option errors answer at once (the configs import nothing heavy).
+"""
 
 from __future__ import annotations
 
