@@ -77,7 +77,7 @@ class Progress:
 
 
 class Feed:
-    """Moves a :class:`Progress` from (first step of this session, step, info) reports, as the
+    """Moves a :class:`Progress` from (first step of this run, step, info) reports, as the
     training core and Ray's progress board give them."""
 
     def __init__(self, bar: Progress) -> None:

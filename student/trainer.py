@@ -42,7 +42,7 @@ RAY_CHECKPOINT = "checkpoint.pt"  # the file inside each of Ray Train's out/ray/
 
 # (state on rank 0, else None; the epoch's metrics) -> None, called by every rank after each epoch.
 SaveFn = Callable[[dict[str, Any] | None, dict[str, Any]], None]
-# (first step of this session, step, {"epoch": "3/300", "loss": "1.2345"}) -> None, called by rank 0.
+# (first step of this run, step, {"epoch": "3/300", "loss": "1.2345"}) -> None, called by rank 0.
 ProgressFn = Callable[[int, int, dict[str, str]], None]
 
 
