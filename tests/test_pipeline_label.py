@@ -165,18 +165,22 @@ def test_stored_labels_match_the_teacher_on_the_replayed_view(tmp_path):
     assert total == 50 and agree == total
 
 
-def test_student_replay_agrees_with_the_teacher_on_its_views(tmp_path):
-    """The student's loader cuts the stored view; the teacher on that crop gives the stored label."""
-    from deitpipe.shards.reader import expand_urls
-    from deitpipe.student.data import Augment, ShardReplay
-
-    data = _digit_folder(tmp_path / "digits", n=16)
+def _labelled_with_its_teacher(tmp_path: Path, data: Path) -> tuple[Path, torch.nn.Module]:
+    """``data`` labelled with 6 views into ``tmp_path/out``, and the teacher that labelled it."""
     weights = _teacher(tmp_path, 10)
     out = tmp_path / "out"
     label_teacher(_config(data, out, weights, views=6, shard_size=5))
     model = torchvision.models.get_model("resnet18", num_classes=10)
     model.load_state_dict(torch.load(weights, weights_only=True))
-    model.eval()
+    return out, model.eval()
+
+
+def test_student_replay_agrees_with_the_teacher_on_its_views(tmp_path):
+    """The student's loader cuts the stored view; the teacher on that crop gives the stored label."""
+    from deitpipe.shards.reader import expand_urls
+    from deitpipe.student.data import Augment, ShardReplay
+
+    out, model = _labelled_with_its_teacher(tmp_path, _digit_folder(tmp_path / "digits", n=16))
     plain = Augment(rand_augment=None, random_erasing=0.0, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     agree = total = 0
     for epoch in range(4):
@@ -246,12 +250,7 @@ def test_the_batched_replay_path_agrees_with_the_teacher_on_its_views(tmp_path):
         jpg = data / png.parent.name / (png.stem + ".jpg")
         jpg.parent.mkdir(parents=True, exist_ok=True)
         Image.open(png).resize((40, 34)).save(jpg, quality=95)  # the batched path decodes JPEGs itself
-    weights = _teacher(tmp_path, 10)
-    out = tmp_path / "out"
-    label_teacher(_config(data, out, weights, views=6, shard_size=5))
-    model = torchvision.models.get_model("resnet18", num_classes=10)
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    model.eval()
+    out, model = _labelled_with_its_teacher(tmp_path, data)
     agree = total = jpegs = 0
     labels = set()
     for epoch in range(4):
