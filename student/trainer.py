@@ -198,7 +198,8 @@ def latest_checkpoint(out: str | Path) -> dict[str, Any] | None:
     out = Path(out)
     candidates = [p for p in checkpoint_files(out)[-1:]]
     candidates += sorted((out / "ray").glob(f"checkpoint_*/{RAY_CHECKPOINT}"))[-1:]
-    states = [torch.load(p, map_location="cpu", weights_only=True) for p in candidates]
+    # mmap: comparing epochs reads only that number, not both files' weights and optimizer state
+    states = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in candidates]
     return max(states, key=lambda s: int(s["epoch"]), default=None)
 
 
