@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from deitpipe.shards import storage
 from deitpipe.shards.image import ImageDecodeError
 from deitpipe.student import create_student, evaluate, load_checkpoint, read_state_dict
 from deitpipe.student.data import EvalImages, eval_items
@@ -16,13 +17,13 @@ from deitpipe.student.data import EvalImages, eval_items
 _SIZES = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
+def _run_config(run_dir: str) -> dict[str, Any]:
     """The run's config.json (written by train-student), or {} when there is none."""
-    path = run_dir / "config.json"
-    if not path.is_file():
+    path = storage.join(run_dir, "config.json")
+    if not storage.is_file(path):
         return {}
     try:
-        cfg = json.loads(path.read_text())
+        cfg = json.loads(storage.read_bytes(path))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON ({exc}); restore it from the run, or pass the "
                          "weights file from a directory without it together with the model options") from exc
@@ -45,10 +46,11 @@ def resolve_student(checkpoint: str, *, model: str | None = None, num_classes: i
         ValueError: one line naming the file, when the checkpoint is missing, unreadable, not a
             state dict, or does not fit the model.
     """
-    path = Path(checkpoint)
-    run_dir = path if path.is_dir() else path.parent
-    weights = path / "student.pt" if path.is_dir() else path
-    if path.is_dir() and not weights.is_file():
+    path = checkpoint.rstrip("/") if storage.is_object_uri(checkpoint) else os.path.abspath(checkpoint)
+    is_dir = storage.is_dir(path)
+    run_dir = path if is_dir else path.rsplit("/", 1)[0]
+    weights = storage.join(path, "student.pt") if is_dir else path
+    if is_dir and not storage.is_file(weights):
         raise ValueError(f"{path} holds no student.pt; pass a train-student run directory or a weights file")
     cfg = _run_config(run_dir)
     spec: dict[str, Any] = {k: cfg.get(k) for k in _SIZES}

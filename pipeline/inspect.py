@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from deitpipe.shards.manifest import ManifestError, find_stray_files, read_manifest, verify_shards
+from deitpipe.shards import storage
 from deitpipe.shards.reader import decode_sample, iter_tar_samples, sample_schema_version
 
 
@@ -15,7 +16,7 @@ def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
     """Summarise the manifest, verify every shard's count and sha256, and read one sample.
 
     Args:
-        out: a label-teacher output directory.
+        out: a label-teacher output directory, or its ``s3://`` prefix.
         deep: also decode every sample.
     Returns:
         ``{"ok", "problems", "warnings", "summary", "sample", "text"}``; ``ok`` is False when any
@@ -56,7 +57,7 @@ def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
 
 def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The first sample of the first shard that holds one, or None when every shard is empty."""
-    raw = next((r for shard in manifest["shards"] for r in iter_tar_samples(str(Path(out) / shard["name"]))), None)
+    raw = next((r for shard in manifest["shards"] for r in iter_tar_samples(storage.join(out, shard["name"]))), None)
     if raw is None:
         return None
     s = decode_sample(raw)

@@ -10,6 +10,7 @@ unit of planning and of resume: complete shards are skipped on a rerun.
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
@@ -20,10 +21,10 @@ from typing import Any
 import numpy as np
 
 from deitpipe.pipeline.config import LabelConfig
-from deitpipe.pipeline.outdir import check_output_dir, is_temp_of, locked, remove_files
+from deitpipe.pipeline.outdir import check_output_dir, locked, remove_files, temp_leftovers
 from deitpipe.pipeline.progress import Progress
 from deitpipe.pipeline.raysession import quiet_ray_data, ray_session
-from deitpipe.shards import schema
+from deitpipe.shards import schema, storage
 from deitpipe.shards.image import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -32,7 +33,7 @@ from deitpipe.shards.image import (
     sniff_image_type,
     storable_image,
 )
-from deitpipe.shards.manifest import read_manifest, write_manifest
+from deitpipe.shards.manifest import file_sha256, read_manifest, write_manifest
 from deitpipe.shards.plan import assign_shards
 from deitpipe.shards.sources import Candidate, Source, read_bytes, resolve_source
 from deitpipe.shards.views import global_box, random_view_boxes
@@ -180,7 +181,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
     """
     start = time.perf_counter()
     config = config.resolved()  # Ray tasks do not share the driver's working directory
-    out = Path(config.out)
+    out = config.out  # a local directory or an s3:// prefix
     source = resolve_source(config.data, image_size=config.image_size, seed=config.seed)
     if not source.candidates:
         raise LabelError(f"--data {config.data}: no candidate images found")
@@ -193,8 +194,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
             f"{info.num_classes} outputs; fine-tune the teacher to the data's classes first"
         )
     _check_apart(out, config.data, source)
-    check_output_dir(out, owned=_own_manifest(out / schema.MANIFEST_NAME) is not None,
-                     what=f"label-teacher {schema.MANIFEST_NAME}")
+    check_output_dir(out, owned=_own_manifest(out) is not None, what=f"label-teacher {schema.MANIFEST_NAME}")
     plan = assign_shards(len(source.candidates), config.shard_size, seed=config.seed)
     with locked(out, command="deitpipe label-teacher"):
         manifest = _open_output(out, config, source, info)
@@ -219,14 +219,14 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
                                 "images_per_s": round(labelled / seconds, 2) if todo else None}}
 
 
-def _check_apart(out: Path, data: str, source: Source) -> None:
+def _check_apart(out: str, data: str, source: Source) -> None:
     """Refuse an --out that holds the inputs, or lies inside an input folder (a rerun would list
     the shards as images)."""
-    folder = Path(data)
-    if folder.is_dir() and (out == folder or folder in out.parents):
+    inside = (lambda path, folder: path == folder or path.startswith(folder.rstrip("/") + "/"))
+    if storage.is_dir(data) and inside(out, data):
         raise LabelError(f"--out {out} lies inside --data {data}; choose an --out outside the input folder")
     for cand in source.candidates:
-        if cand.kind in ("file", "tarmember") and out in Path(cand.ref).parents:
+        if cand.kind in ("file", "tarmember") and inside(cand.ref, out):
             raise LabelError(f"--data {cand.ref} lies inside --out {out}; choose an --out apart from the inputs")
 
 
@@ -238,14 +238,13 @@ _SHARD_FILE = re.compile(r"shard-[0-9]{6}\.tar")  # schema.SHARD_PATTERN's names
 _OWN_FILES = re.compile(rf"shard-[0-9]{{6}}\.tar|{re.escape(schema.MANIFEST_NAME)}")
 
 
-def _open_output(out: Path, config: LabelConfig, source: Source, info: TeacherInfo) -> dict[str, Any]:
+def _open_output(out: str, config: LabelConfig, source: Source, info: TeacherInfo) -> dict[str, Any]:
     """Check ``out`` against this run and return the manifest to continue (kept shards only).
 
     Only files label-teacher writes are ever removed: shards by their exact names (those not kept)
     and leftovers of its atomic writes, and only in a directory holding its manifest or empty.
     """
-    existing = out / schema.MANIFEST_NAME
-    old = _own_manifest(existing)
+    old = _own_manifest(out)
     check_output_dir(out, owned=old is not None, what=f"label-teacher {schema.MANIFEST_NAME}")
     if old is not None:
         before = {k: old.get("config", {}).get(k) for k in config.fingerprint()}
@@ -259,10 +258,11 @@ def _open_output(out: Path, config: LabelConfig, source: Source, info: TeacherIn
     else:
         kept = []
     keep = {e["name"] for e in kept}
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_object_uri(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
     # Leftovers of an interrupted run, and shards being replaced: deitpipe's exact names only.
-    remove_files(p for p in out.iterdir()
-                 if (_SHARD_FILE.fullmatch(p.name) and p.name not in keep) or is_temp_of(p, _OWN_FILES))
+    remove_files([storage.join(out, name) for name in storage.list_names(out)
+                  if _SHARD_FILE.fullmatch(name) and name not in keep] + temp_leftovers(out, _OWN_FILES))
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -276,9 +276,10 @@ def _open_output(out: Path, config: LabelConfig, source: Source, info: TeacherIn
     return manifest
 
 
-def _own_manifest(path: Path) -> dict[str, Any] | None:
-    """label-teacher's manifest at ``path``, None when there is none; one line when it is not one."""
-    if not path.is_file():
+def _own_manifest(out: str) -> dict[str, Any] | None:
+    """label-teacher's manifest in ``out``, None when there is none; one line when it is not one."""
+    path = storage.join(out, schema.MANIFEST_NAME)
+    if not storage.is_file(path):
         return None
     try:
         return read_manifest(path)
@@ -286,12 +287,16 @@ def _own_manifest(path: Path) -> dict[str, Any] | None:
         raise LabelError(f"{path} is not a readable label-teacher manifest ({exc}); choose another --out") from exc
 
 
-def _shard_intact(out: Path, entry: dict[str, Any]) -> bool:
-    path = out / entry["name"]
-    return path.is_file() and path.stat().st_size == entry.get("bytes", -1)
+def _shard_intact(out: str, entry: dict[str, Any]) -> bool:
+    """Whether a listed shard is there whole: its size on disk; in object storage, where a rerun
+    is the moment to catch an object replaced behind the manifest, also its sha256."""
+    path = storage.join(out, entry["name"])
+    if storage.size(path) != entry.get("bytes", -1):
+        return False
+    return not storage.is_object_uri(out) or file_sha256(path) == entry.get("sha256")
 
 
-def _is_complete(out: Path) -> bool:
+def _is_complete(out: str) -> bool:
     try:
         return bool(read_manifest(out).get("complete"))
     except ValueError:
@@ -308,7 +313,7 @@ def _inputs_summary(source: Source, shards: list[dict[str, Any]]) -> dict[str, A
 
 
 def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: list[list[int]],
-                  todo: list[int], manifest: dict[str, Any], out: Path,
+                  todo: list[int], manifest: dict[str, Any], out: str,
                   teacher_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     """Label the shards in ``todo`` and pack each as soon as it is complete."""
     import ray
@@ -374,11 +379,18 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
     return written
 
 
-def _pack(*, out: Path, shard: int, plan: list[list[int]], source: Source, rows: dict[int, dict[str, Any]],
+def _pack(*, out: str, shard: int, plan: list[list[int]], source: Source, rows: dict[int, dict[str, Any]],
           skipped: list[dict[str, str]], num_classes: int) -> dict[str, Any]:
+    """Pack one shard into ``out``; into object storage, it is packed in a local temporary
+    directory and uploaded whole (``storage.upload``) before the manifest lists it."""
     first = sum(len(p) for p in plan[:shard])
-    entry = pack_shard(out_dir=out, shard=shard, order=plan[shard], first_index=first, source=source, rows=rows,
-                       num_classes=num_classes)
+    pack = dict(shard=shard, order=plan[shard], first_index=first, source=source, rows=rows, num_classes=num_classes)
+    if storage.is_object_uri(out):
+        with tempfile.TemporaryDirectory(prefix="deitpipe-shard-") as staging:
+            entry = pack_shard(out_dir=Path(staging), **pack)
+            storage.upload(Path(staging) / entry["name"], storage.join(out, entry["name"]))
+    else:
+        entry = pack_shard(out_dir=Path(out), **pack)
     return {**entry, "candidates": len(plan[shard]), "skipped": skipped}
 
 

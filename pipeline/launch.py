@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from deitpipe.pipeline.outdir import locked
 from deitpipe.pipeline.progress import Feed, Progress
+from deitpipe.shards import storage
 from deitpipe.student.config import TrainConfig
 from deitpipe.student.data import IMAGENET_MEAN, IMAGENET_STD, steps_per_epoch
 from deitpipe.student.trainer import RAY_CHECKPOINT, FileCheckpoints, latest_checkpoint, train
@@ -40,7 +41,7 @@ class TrainError(RuntimeError):
     """A user-facing failure of train-student; its message is one line."""
 
 
-def launch(config: TrainConfig, *, info: dict[str, Any], mode: str, out: Path,
+def launch(config: TrainConfig, *, info: dict[str, Any], mode: str, out: str,
            prepare: Callable[[], None]) -> None:
     """Run ``config`` with its launcher; ``prepare`` readies ``out`` on the driver under its lock."""
     if config.launcher not in LAUNCHERS:
@@ -156,13 +157,22 @@ def _ray(config: TrainConfig, *, info, mode, out, prepare) -> None:
             scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
             run_config=ray.train.RunConfig(
-                name="ray", storage_path=str(out), failure_config=ray.train.FailureConfig(max_failures=2),
+                name="ray", **_ray_storage(out), failure_config=ray.train.FailureConfig(max_failures=2),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints)),
         )
         try:
             follow(trainer.fit, board, _bar(config, info, config.num_workers))
         except Exception as exc:  # a worker's error arrives wrapped; surface its last line
             raise TrainError(f"training failed on a worker: {_last_error_line(str(exc))}") from exc
+
+
+def _ray_storage(out: str) -> dict[str, Any]:
+    """Ray Train's storage arguments for the run directory: a local path, or an object-storage
+    prefix through deitpipe's own configured filesystem (the same endpoint and credentials)."""
+    if not storage.is_object_uri(out):
+        return {"storage_path": out}
+    filesystem, path = storage.filesystem(out)
+    return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def ray_worker(loop_config: dict[str, Any]) -> None:
@@ -174,7 +184,7 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    out = Path(loop_config["out"])
+    out = loop_config["out"]
     resume = None
     checkpoint = ray.train.get_checkpoint()  # set after a worker restart
     if checkpoint is not None:

@@ -5,6 +5,10 @@ deitpipe deletes a file only when both hold: the directory carries deitpipe's ow
 label-teacher ``manifest.json``, or a train-student ``config.json`` that names deitpipe), and the
 file's name is one deitpipe writes there (exact patterns below). Anything else in an output
 directory stays, whatever the flags; a non-empty directory without the marker is refused.
+
+An output may be a local directory or an object-storage prefix (``s3://bucket/prefix``); the same
+rules hold for both. Object storage offers no lock: one run at a time per prefix is the user's
+to ensure.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from deitpipe.shards import storage
+
 LOCK_NAME = ".deitpipe.lock"
 # Temporary names of deitpipe's atomic writes: ".NAME.tmp-PID" (and a random suffix at most).
 TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9]+(?:-[0-9A-Za-z_]+)?$")
@@ -27,18 +33,18 @@ class OutputError(RuntimeError):
     """An output directory deitpipe must not use; the message is one line."""
 
 
-def check_output_dir(out: Path, *, owned: bool, option: str = "--out", what: str) -> None:
+def check_output_dir(out: str | Path, *, owned: bool, option: str = "--out", what: str) -> None:
     """Refuse ``out`` when it is a file, or a non-empty directory that is not deitpipe's.
 
     Args:
-        out: the directory.
+        out: the directory, or an ``s3://`` prefix.
         owned: whether it carries deitpipe's marker for this command.
         option: the option that named it, for the message.
         what: the marker, for the message (e.g. "manifest.json of label-teacher").
     """
-    if out.exists() and not out.is_dir():
+    if storage.is_file(out):
         raise OutputError(f"{option} {out} is a file, not a directory; choose a directory")
-    if out.is_dir() and not owned and any(p.name != LOCK_NAME for p in out.iterdir()):
+    if not owned and any(name != LOCK_NAME for name in storage.list_names(out)):
         raise OutputError(f"{option} {out} is not empty and holds no {what}; deitpipe writes only into a new or "
                           f"empty directory or one of its own: choose another {option}")
 
@@ -48,8 +54,13 @@ def locked(out: Path, *, command: str) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` for this process, so two runs never share it.
 
     The lock is ``out/.deitpipe.lock`` (flock; the kernel releases it when the process dies, so a
-    killed run never leaves it held); it names its holder for the second run's message.
+    killed run never leaves it held); it names its holder for the second run's message. An
+    object-storage prefix has no lock (see the module doc).
     """
+    if storage.is_object_uri(out):
+        yield
+        return
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -80,10 +91,27 @@ def is_temp_of(path: Path, names: Iterable[str] | re.Pattern) -> bool:
     return m["name"] in set(names)
 
 
-def remove_files(paths: Iterable[Path]) -> list[str]:
-    """Remove the given regular files (never a link's target, never a directory); returns names."""
+def temp_leftovers(out: str | Path, names: Iterable[str] | re.Pattern) -> list[str]:
+    """Leftover temp files (or temporary keys) of atomic writes of ``names`` directly in ``out``."""
+    found = []
+    for name in storage.list_names(out):
+        m = TEMP_PATTERN.match(name)
+        if m and (names.fullmatch(m["name"]) if isinstance(names, re.Pattern) else m["name"] in set(names)):
+            found.append(storage.join(out, name))
+    return found
+
+
+def remove_files(paths: Iterable[str | Path]) -> list[str]:
+    """Remove the given regular files or objects (never a link's target, never a directory);
+    returns their names."""
     removed = []
     for path in paths:
+        if storage.is_object_uri(path):
+            if storage.is_file(path):
+                storage.remove(path)
+                removed.append(str(path).rsplit("/", 1)[-1])
+            continue
+        path = Path(path)
         if path.is_symlink() or not path.is_file():
             continue
         path.unlink()
@@ -91,9 +119,18 @@ def remove_files(paths: Iterable[Path]) -> list[str]:
     return removed
 
 
-def remove_ray_storage(path: Path) -> bool:
+def remove_ray_storage(path: str | Path) -> bool:
     """Remove Ray Train's storage folder ``path`` when Ray's own marker says it is one."""
-    if path.is_symlink() or not (path / ".validate_storage_marker").is_file():
+    if storage.is_object_uri(path):
+        if not storage.is_file(storage.join(path, RAY_MARKER)):
+            return False
+        storage.remove_tree(path)
+        return True
+    path = Path(path)
+    if path.is_symlink() or not (path / RAY_MARKER).is_file():
         return False
     shutil.rmtree(path)
     return True
+
+
+RAY_MARKER = ".validate_storage_marker"  # Ray Train writes it into every storage folder it uses

@@ -12,21 +12,26 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-import torch
 
 from deitpipe import __version__
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.launch import TrainError, launch
-from deitpipe.pipeline.outdir import check_output_dir, is_temp_of, remove_files, remove_ray_storage
-from deitpipe.shards import schema
+from deitpipe.pipeline.outdir import check_output_dir, remove_files, remove_ray_storage, temp_leftovers
+from deitpipe.shards import schema, storage
 from deitpipe.shards.manifest import read_manifest, write_json_atomic
-from deitpipe.shards.reader import expand_urls, is_remote, shard_name
+from deitpipe.shards.reader import expand_urls, is_object_dir, is_remote, shard_name
 from deitpipe.student import create_student, load_checkpoint
 from deitpipe.student.data import eval_items
-from deitpipe.student.trainer import CHECKPOINT_DIR, CHECKPOINT_FILE, checkpoint_files, heads_differ
+from deitpipe.student.trainer import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    checkpoint_files,
+    heads_differ,
+    load_state,
+    ray_checkpoint_files,
+)
 
 __all__ = ["TrainError", "shard_info", "teacher_labels_mode", "train_student", "check_inputs"]
 
@@ -61,7 +66,7 @@ def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
 
 
 def _manifest_beside(spec: str) -> str:
-    if os.path.isdir(spec):
+    if os.path.isdir(spec) or is_object_dir(spec):
         return spec
     if spec.startswith("pipe:"):
         raise TrainError(f"--shards {spec}: a pipe: command has no place beside it; pass --manifest PATH "
@@ -88,14 +93,14 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     info = shard_info(config.shards, config.manifest)
     mode = teacher_labels_mode(config, info["views"])
     check_inputs(config, num_classes=info["num_classes"])
-    out = Path(config.out)
-    check_output_dir(out, owned=_own_config(out / "config.json") is not None, what="train-student config.json")
+    out = config.out  # a local directory or an s3:// prefix
+    check_output_dir(out, owned=_own_config(out) is not None, what="train-student config.json")
     launch(config, info=info, mode=mode, out=out,
            prepare=lambda: _prepare_out(out, config, num_classes=info["num_classes"], manifest=info["manifest"]))
-    metrics_file = out / "metrics.jsonl"
-    lines = metrics_file.read_text().splitlines() if metrics_file.exists() else []
+    metrics_file = storage.join(out, "metrics.jsonl")
+    lines = storage.read_bytes(metrics_file).decode().splitlines() if storage.is_file(metrics_file) else []
     metrics = [json.loads(line) for line in lines if line]
-    return {"out": str(out), "student": str(out / "student.pt"), "epochs_done": len(metrics),
+    return {"out": out, "student": storage.join(out, "student.pt"), "epochs_done": len(metrics),
             "last": metrics[-1] if metrics else {}}
 
 
@@ -121,7 +126,7 @@ def check_inputs(config: TrainConfig, *, num_classes: int) -> None:
         build_teacher(config.online_teacher, weights_path=config.teacher_weights, num_classes=num_classes)
 
 
-def _prepare_out(out: Path, config: TrainConfig, *, num_classes: int, manifest: str) -> None:
+def _prepare_out(out: str, config: TrainConfig, *, num_classes: int, manifest: str) -> None:
     """Write config.json; refuse to mix a different run into an existing ``out``, or to resume a
     student whose head does not fit the shards' classes (shards relabelled in place).
 
@@ -129,12 +134,11 @@ def _prepare_out(out: Path, config: TrainConfig, *, num_classes: int, manifest: 
     so a corrected rerun is not refused as "other arguments". ``--overwrite`` removes the run's
     own files only (:func:`_clear_run`).
     """
-    path = out / "config.json"
-    student = out / "student.pt"
-    old = _own_config(path)
-    if student.exists() and not config.overwrite:
-        # mmap: only the head's bytes are read, not a whole DeiT-B
-        head = torch.load(student, map_location="cpu", weights_only=True, mmap=True).get("head.weight")
+    path = storage.join(out, "config.json")
+    student = storage.join(out, "student.pt")
+    old = _own_config(out)
+    if storage.is_file(student) and not config.overwrite:
+        head = load_state(student).get("head.weight")
         if head is not None and head.shape[0] != num_classes:
             raise TrainError(f"{student} has a {head.shape[0]}-class head but {manifest} lists {num_classes} "
                              "classes; pass --overwrite or choose another --out")
@@ -147,7 +151,8 @@ def _prepare_out(out: Path, config: TrainConfig, *, num_classes: int, manifest: 
             why = f"other arguments ({', '.join('--' + d.replace('_', '-') for d in diff)})" if diff else "a run"
             raise TrainError(f"{out} holds {why}; rerun with the same arguments to resume, "
                              "or pass --overwrite, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_object_uri(out):
+        os.makedirs(out, exist_ok=True)
     write_json_atomic(path, {**asdict(config), RUN_MARKER: f"deitpipe train-student {__version__}"})
 
 
@@ -159,13 +164,14 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(config).items() if k not in _RUNTIME}
 
 
-def _own_config(path: Path) -> dict[str, Any] | None:
-    """train-student's config.json at ``path``: one with deitpipe's marker (or every field of a
+def _own_config(out: str) -> dict[str, Any] | None:
+    """train-student's config.json in ``out``: one with deitpipe's marker (or every field of a
     TrainConfig, as written before the marker); None when absent or another tool's."""
-    if not path.is_file():
+    path = storage.join(out, "config.json")
+    if not storage.is_file(path):
         return None
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(path))
     except (ValueError, OSError):
         return None
     if not isinstance(data, dict):
@@ -174,24 +180,23 @@ def _own_config(path: Path) -> dict[str, Any] | None:
     return data if marked or set(_comparable(TrainConfig())) <= set(data) else None
 
 
-def _started(out: Path) -> bool:
+def _started(out: str) -> bool:
     """Whether the run in ``out`` finished an epoch (it has weights, metrics or a checkpoint)."""
-    metrics = out / "metrics.jsonl"
-    return (out / "student.pt").exists() or (metrics.exists() and metrics.stat().st_size > 0) or bool(
-        checkpoint_files(out)) or any((out / "ray").glob("checkpoint_*"))
+    return (storage.is_file(storage.join(out, "student.pt")) or bool(storage.size(storage.join(out, "metrics.jsonl")))
+            or bool(checkpoint_files(out)) or bool(ray_checkpoint_files(out)))
 
 
-def _clear_run(out: Path) -> None:
+def _clear_run(out: str) -> None:
     """Remove what train-student wrote in ``out``: its files by name, leftovers of their atomic
     writes, its checkpoint files, and Ray Train's storage folder (``ray``, recognised by Ray's
     marker). Nothing else."""
-    remove_files([out / name for name in RUN_FILES] + [p for p in out.iterdir() if is_temp_of(p, RUN_FILES)])
-    folder = out / CHECKPOINT_DIR
-    if folder.is_dir() and not folder.is_symlink():
-        remove_files(checkpoint_files(out) + [p for p in folder.iterdir() if is_temp_of(p, CHECKPOINT_FILE)])
-        if not any(folder.iterdir()):
-            folder.rmdir()
-    remove_ray_storage(out / "ray")
+    remove_files([storage.join(out, name) for name in RUN_FILES] + temp_leftovers(out, RUN_FILES))
+    folder = storage.join(out, CHECKPOINT_DIR)
+    if storage.is_object_uri(folder) or (os.path.isdir(folder) and not os.path.islink(folder)):
+        remove_files(checkpoint_files(out) + temp_leftovers(folder, CHECKPOINT_FILE))
+        if not storage.is_object_uri(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+    remove_ray_storage(storage.join(out, "ray"))
 
 
 _RUNTIME = frozenset({"out", "ray_address", "resume", "overwrite", "stop_after_steps", "progress",

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deitpipe.shards import schema
+from deitpipe.shards import schema, storage
 from deitpipe.shards.atomic import atomic_writer
-from deitpipe.shards.reader import decode_sample, is_remote, iter_tar_samples, open_url
+from deitpipe.shards.reader import decode_sample, is_remote, iter_tar_samples, open_stream
 
 
 class ManifestError(ValueError):
@@ -46,15 +46,18 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON to ``path`` atomically and durably (``atomic.atomic_writer``: temporary file,
     fsync, rename, fsync of the directory); on an error nothing is left but the old file."""
     text = json.dumps(data, indent=2) + "\n"  # serialise first: a TypeError leaves no file at all
+    if storage.is_object_uri(path):
+        storage.write_bytes(path, text.encode("utf-8"))
+        return
     with atomic_writer(path, text=True) as f:
         f.write(text)
 
 
-def write_manifest(out_dir: str | os.PathLike, data: dict[str, Any]) -> Path:
+def write_manifest(out_dir: str | os.PathLike, data: dict[str, Any]) -> Path | str:
     """Write ``out_dir/manifest.json`` atomically.
 
     Args:
-        out_dir: Shard directory.
+        out_dir: Shard directory, or ``s3://`` prefix.
         data: Manifest content; ``schema_version`` is set to ``schema.SCHEMA_VERSION`` if absent,
             and must be one of ``schema.READABLE_VERSIONS`` (1 for a set written in version 1).
 
@@ -65,10 +68,11 @@ def write_manifest(out_dir: str | os.PathLike, data: dict[str, Any]) -> Path:
     version = data["schema_version"]
     if type(version) is not int or version not in schema.READABLE_VERSIONS:
         raise ValueError(f"manifest schema_version {version!r} is not one of {schema.READABLE_VERSIONS}")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / schema.MANIFEST_NAME
+    if not storage.is_object_uri(out_dir):
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = storage.join(out_dir, schema.MANIFEST_NAME)
     write_json_atomic(path, data)
-    return path
+    return path if storage.is_object_uri(path) else Path(path)
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -86,10 +90,14 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """
     if is_remote(path):
         where = str(path)
+        if storage.is_object_uri(where) and not where.endswith(".json"):
+            where = storage.join(where, schema.MANIFEST_NAME)  # a shard prefix, like a shard directory
         try:
-            text = _read_remote(where)
+            with open_stream(where) as f:
+                text = f.read().decode("utf-8")
         except (OSError, ValueError) as exc:
-            raise ManifestError(f"{where}: cannot read the manifest ({exc}); check the URL or pass --manifest") from None
+            cause = exc.cause if isinstance(exc, storage.StorageError) else exc
+            raise ManifestError(f"{where}: cannot read the manifest ({cause}); check the URL or pass --manifest") from None
     else:
         p = _manifest_path(path)
         where = str(p)
@@ -98,14 +106,6 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         except FileNotFoundError:
             raise ManifestError(f"{p}: no manifest; is this a shard directory written by deitpipe?") from None
     return _parse_manifest(text, where)
-
-
-def _read_remote(url: str) -> str:
-    from webdataset.gopen import gopen
-
-
-    with gopen(open_url(url), "rb") as f:
-        return f.read().decode("utf-8")
 
 
 def _parse_manifest(text: str, where: str) -> dict[str, Any]:
@@ -202,7 +202,7 @@ def _check_fields(data: dict[str, Any], where: str) -> None:
 def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_stream(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -211,7 +211,7 @@ def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
 def count_tar_samples(path: str | os.PathLike) -> int:
     """Number of samples (runs of members sharing a key) in a shard, without decoding."""
     count, last = 0, None
-    with tarfile.open(path, mode="r|") as tar:
+    with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for info in tar:
             key = info.name.split("/")[-1].split(".", 1)[0]
             if info.isreg() and key != last:
@@ -229,20 +229,20 @@ def find_stray_files(out_dir: str | os.PathLike, listed: set[str] | None = None)
     Returns:
         One line per stray file; these are warnings, not errors.
     """
-    d = Path(out_dir)
     if listed is None:
-        listed = {s["name"] for s in read_manifest(d)["shards"]}
+        listed = {s["name"] for s in read_manifest(out_dir)["shards"]}
     out = []
-    for p in sorted(d.iterdir()):
-        if ".tmp-" in p.name:
+    for name in storage.list_names(out_dir):
+        p = storage.join(out_dir, name)
+        if ".tmp-" in name:
             out.append(f"{p}: leftover temporary file from an interrupted write; safe to delete")
-        elif p.suffix == ".tar" and p.name not in listed:
+        elif name.endswith(".tar") and name not in listed:
             out.append(f"{p}: tar not listed in {schema.MANIFEST_NAME}; readers of the manifest ignore it")
     return out
 
 
-def _check_shard(path: Path, entry: dict[str, Any], *, deep: bool, views: int | None) -> list[str]:
-    if not path.is_file():
+def _check_shard(path: str, entry: dict[str, Any], *, deep: bool, views: int | None) -> list[str]:
+    if not storage.is_file(path):
         return [f"{path}: listed in {schema.MANIFEST_NAME} but missing"]
     problems = []
     sha = file_sha256(path)
@@ -251,7 +251,7 @@ def _check_shard(path: Path, entry: dict[str, Any], *, deep: bool, views: int | 
     try:
         count = count_tar_samples(path)
         if deep:
-            for raw in iter_tar_samples(str(path)):
+            for raw in iter_tar_samples(path):
                 sample = decode_sample(raw)
                 if views is not None and sample["box"].shape != (views + 1, 4):
                     shape = sample["box"].shape
@@ -288,7 +288,7 @@ def verify_shards(out_dir: str | os.PathLike, *, deep: bool = False) -> list[str
         problems.append(f"{out_dir}: {schema.MANIFEST_NAME} lists a shard twice")
     next_index = 0
     for entry in manifest["shards"]:
-        path = Path(out_dir) / str(entry.get("name"))
+        path = storage.join(out_dir, str(entry.get("name")))
         problems += _check_shard(path, entry, deep=deep, views=manifest.get("views"))
         first = entry.get("first_index")
         if first is not None and first != next_index:

@@ -13,28 +13,27 @@ import json
 import math
 import os
 import re
-import shlex
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from webdataset import shardlists, tariterators
 
-from deitpipe.shards import schema
+from deitpipe.shards import schema, storage
 from deitpipe.shards.specs import is_remote  # re-exported: one definition, importable without webdataset
 
 _V1_MEMBERS = schema.V1_VIEW_MEMBERS + (schema.SOFTMAX,)
 
 
-def open_url(url: str) -> str:
-    """Map a URL to one webdataset's ``gopen`` can open (``s3://`` streams through the aws CLI).
+def open_stream(url: str) -> IO[bytes]:
+    """A binary stream of one shard or file: ``s3://`` through ``storage`` (no shell involved),
+    local paths, ``pipe:`` commands and ``http(s)://`` through webdataset's ``gopen``."""
+    if storage.is_object_uri(url):
+        return storage.open_stream(url)
+    from webdataset.gopen import gopen
 
-    The URL is shell-quoted, so a key with spaces or ``;`` is one argument, not a command.
-    """
-    if url.startswith("s3://"):
-        return f"pipe:aws s3 cp {shlex.quote(url)} -"
-    return url
+    return gopen(url, "rb")
 
 
 def shard_name(url: str) -> str:
@@ -65,7 +64,19 @@ def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
 
             return [str(Path(spec) / s["name"]) for s in read_manifest(manifest)["shards"]]
         return [str(p) for p in sorted(Path(spec).glob("*.tar"))]
+    if is_object_dir(spec):
+        manifest = storage.join(spec, schema.MANIFEST_NAME)
+        if storage.is_file(manifest):
+            from deitpipe.shards.manifest import read_manifest
+
+            return [storage.join(spec, s["name"]) for s in read_manifest(manifest)["shards"]]
+        return [storage.join(spec, n) for n in storage.list_names(spec) if n.endswith(".tar")]
     return list(shardlists.expand_urls(spec))  # "::" lists and {a..b} braces
+
+
+def is_object_dir(spec: str) -> bool:
+    """Whether ``spec`` names a prefix in object storage (``s3://bucket/shards/``) rather than tars."""
+    return storage.is_object_uri(spec) and "{" not in spec and "::" not in spec and not spec.endswith(".tar")
 
 
 def iter_tar_samples(urls: str | Iterable[str]) -> Iterator[dict[str, Any]]:
@@ -82,9 +93,14 @@ def iter_tar_samples(urls: str | Iterable[str]) -> Iterator[dict[str, Any]]:
         local = url.removeprefix("file:")
         if not is_remote(url) and not os.path.isfile(local):
             raise ValueError(f"tar {url} does not exist; check the path or brace pattern")
-    src = [{"url": open_url(u)} for u in expanded]
-    for sample in tariterators.tarfile_samples(src):
-        yield sample
+    yield from tariterators.group_by_keys(tariterators.tar_file_expander(_opened(expanded)))
+
+
+def _opened(urls: list[str]) -> Iterator[dict[str, Any]]:
+    """Each URL's stream, opened when its turn comes and closed once its members are read."""
+    for url in urls:
+        with open_stream(url) as stream:
+            yield {"url": url, "stream": stream}
 
 
 def read_shard(url: str) -> list[dict[str, Any]]:
@@ -97,12 +113,10 @@ def read_shard(url: str) -> list[dict[str, Any]]:
     Args:
         url: One shard path or URL (``pipe:``, ``s3://``, ``http(s)://``).
     """
-    src = open_url(url)
+    src = url
     local = url.removeprefix("file:")
     if is_remote(url):
-        from webdataset.gopen import gopen
-
-        with gopen(src, "rb") as f:
+        with open_stream(url) as f:
             data = f.read()
     else:
         if not os.path.isfile(local):

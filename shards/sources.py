@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from deitpipe.shards import reader
+from deitpipe.shards import reader, storage
 from deitpipe.shards.specs import is_tar_spec
 
 # Files whose name says they are not images; anything else (including no extension and image
@@ -290,11 +290,12 @@ def _tar_label(sample: dict[str, Any]) -> int | None:
 def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """List samples of existing WebDataset tars that have a ``cls`` and an image member.
 
-    A local uncompressed tar is indexed by its headers alone: each candidate records where its
-    image lies and is read when it is labelled, so tars of any size work. A compressed tar, or
-    one read through a stream (``pipe:``, ``s3://``, ``http(s)://``), allows no seeking, so its
-    candidates carry their image bytes in memory: fine for sets that fit in RAM; copy larger
-    ones to local disk, uncompressed, first.
+    An uncompressed tar on local disk or in object storage (``s3://``) is indexed, not loaded:
+    each candidate records where its image lies and is read when it is labelled (a ranged read
+    of an object), so tars of any size work. A local tar is indexed by its headers alone; an
+    object is streamed once. A compressed tar, or one read through a ``pipe:`` or
+    ``http(s)://`` stream, allows no seeking, so its candidates carry their image bytes in
+    memory: fine for sets that fit in RAM; copy larger ones to disk or a bucket, uncompressed.
 
     A key seen before in the same tar is skipped (the first sample with it is kept), so every
     sample found is either a candidate or skipped with a reason.
@@ -314,9 +315,10 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
         local = url.removeprefix("file:")
         if not reader.is_remote(url) and not os.path.isfile(local):
             raise ValueError(f"tar {url} does not exist; check the path or brace pattern")
-        seekable = not reader.is_remote(url) and not _compressed(local)
+        in_bucket = storage.is_object_uri(url)
+        seekable = (in_bucket or not reader.is_remote(url)) and not _compressed(url if in_bucket else local)
         keys: set[str] = set()
-        for sample in _tar_samples(url, local if seekable else None):
+        for sample in _tar_samples(url, local if seekable and not in_bucket else None, index=seekable):
             key = sample["__key__"]
             path = f"{url}#{key}"
             label = _tar_label(sample)
@@ -329,7 +331,7 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
                 skipped.append((path, f"no image member (one of {', '.join(TAR_IMAGE_MEMBERS)})"))
             elif isinstance(sample[member], tarfile.TarInfo):
                 info = sample[member]
-                candidates.append(Candidate(path=path, label=label, kind="tarmember", ref=local,
+                candidates.append(Candidate(path=path, label=label, kind="tarmember", ref=url if in_bucket else local,
                                             offset=info.offset_data, length=info.size))
             else:
                 candidates.append(Candidate(path=path, label=label, kind="tar", ref=path, data=sample[member]))
@@ -339,7 +341,7 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
 
 def _compressed(path: str) -> bool:
     """Whether a file starts with a gzip, bzip2, xz or zstd signature (offsets would not be file offsets)."""
-    with open(path, "rb") as f:
+    with storage.open_input(path) as f:
         head = f.read(6)
     return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd"))
 
@@ -347,25 +349,24 @@ def _compressed(path: str) -> bool:
 _META_NAME = re.compile(r"__[^/]*__($|/)")  # names webdataset skips
 
 
-def _tar_samples(url: str, local: str | None) -> Iterator[dict[str, Any]]:
+def _tar_samples(url: str, local: str | None, *, index: bool = False) -> Iterator[dict[str, Any]]:
     """Samples of one tar (:func:`_grouped`), opened by path when ``local`` (an uncompressed tar on
-    disk: headers only, image members as their ``TarInfo``), else streamed (members as bytes).
+    disk: headers only), else streamed; image members as their ``TarInfo`` when ``local`` or
+    ``index`` (an uncompressed object, read back by ranges), else as bytes.
 
     Raises:
         ValueError: the tar is truncated or corrupt, including where ``tarfile`` would quietly
             stop at a damaged header: a tar must end with its end-of-archive block.
     """
-    from webdataset.gopen import gopen
-
     info_class, last_header = _header_watch()
     try:
         with contextlib.ExitStack() as stack:
             if local is not None:
                 tar = stack.enter_context(tarfile.open(local, "r:", tarinfo=info_class))  # seeks over data
             else:
-                stream = stack.enter_context(gopen(reader.open_url(url), "rb"))
+                stream = stack.enter_context(reader.open_stream(url))
                 tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|*", tarinfo=info_class))
-            yield from _grouped(tar, keep_info=local is not None)
+            yield from _grouped(tar, keep_info=local is not None or index)
             if not isinstance(last_header[0], tarfile.EOFHeaderError):
                 why = last_header[0] or "end of data"
                 raise tarfile.ReadError(f"{why} at byte {tar.offset} where its end-of-archive block should be")
@@ -423,6 +424,8 @@ def read_bytes(candidate: Candidate) -> bytes:
             return f.read()
     if candidate.kind == "digits":
         return render_digit(int(candidate.ref), image_size=candidate.size)
+    if candidate.kind == "tarmember" and storage.is_object_uri(candidate.ref):
+        return storage.read_range(candidate.ref, candidate.offset, candidate.length)
     if candidate.kind == "tarmember":
         with open(candidate.ref, "rb") as f:
             f.seek(candidate.offset)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
-from pathlib import Path
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+
+from deitpipe.shards import storage
 
 # Wrappers under which training scripts store the weights (official DeiT: "model").
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
@@ -65,14 +67,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ValueError: one line naming the file, when it is missing, not a torch file, or holds
             something other than a state dict. OSError and MemoryError pass through.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"checkpoint {path} is a directory; pass the weights file in it (e.g. {path / 'student.pt'})")
-    if not path.is_file():
+    path = os.fspath(path)
+    if storage.is_dir(path):
+        raise ValueError(f"checkpoint {path} is a directory; pass the weights file in it "
+                         f"(e.g. {storage.join(path, 'student.pt')})")
+    if not storage.is_file(path):
         raise ValueError(f"checkpoint {path} does not exist; pass the path of a weights file "
                          "(a run's student.pt or a DeiT .pth)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_object_uri(path) else path
+        obj = torch.load(source, map_location="cpu", weights_only=True)
     except (OSError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - torch raises several types for a file it cannot read

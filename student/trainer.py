@@ -12,6 +12,7 @@ the following epochs exactly; the checkpoint needs no generator state.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.data import DataLoader
 
-from deitpipe.shards.atomic import atomic_write_bytes, atomic_writer
+from deitpipe.shards import storage
 from deitpipe.student.checkpoint import load_checkpoint, read_state_dict
 from deitpipe.student.config import TrainConfig
 from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items, steps_per_epoch
@@ -71,7 +72,7 @@ def train(cfg: TrainConfig, *, info: dict[str, Any], mode: str, out: str | Path,
         cfg: the run's configuration (paths already absolute).
         info: the shard set: "urls", "num_classes", "views", "samples".
         mode: the loader's teacher labels: "views", "global" or "none".
-        out: the run directory (shared by all ranks).
+        out: the run directory (shared by all ranks): a local directory or an ``s3://`` prefix.
         device: this worker's device.
         rank, world: this worker's rank and the number of workers; with world > 1 the default
             process group must be initialised (the model is wrapped in DDP).
@@ -83,9 +84,9 @@ def train(cfg: TrainConfig, *, info: dict[str, Any], mode: str, out: str | Path,
     Returns:
         This run's epoch metrics (rank 0 also appended them to ``out/metrics.jsonl``).
     """
-    out = Path(out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    out = os.fspath(out)
+    if rank == 0 and not storage.is_object_uri(out):
+        os.makedirs(out, exist_ok=True)
     if device.type == "cpu":
         torch.set_num_threads(cpus)
     if cfg.loader_workers is None:
@@ -105,7 +106,7 @@ def train(cfg: TrainConfig, *, info: dict[str, Any], mode: str, out: str | Path,
     ema = build_ema(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     start_epoch, step = _resume(resume, model, optimizer, scheduler, ema)
     if rank == 0:
-        _truncate_metrics(out / "metrics.jsonl", start_epoch)
+        _truncate_metrics(storage.join(out, "metrics.jsonl"), start_epoch)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -147,8 +148,8 @@ def train(cfg: TrainConfig, *, info: dict[str, Any], mode: str, out: str | Path,
         state = None
         if rank == 0:
             weights = ema.module.state_dict() if ema is not None else model.state_dict()
-            save_weights({k: v.detach().cpu() for k, v in weights.items()}, out / "student.pt")
-            append_jsonl(out / "metrics.jsonl", metrics)
+            save_weights({k: v.detach().cpu() for k, v in weights.items()}, storage.join(out, "student.pt"))
+            append_jsonl(storage.join(out, "metrics.jsonl"), metrics)
             state = checkpoint_state(cfg, model, optimizer, scheduler, ema, epoch=epoch, step=step)
         save(state, metrics)
         history.append(metrics)
@@ -167,40 +168,53 @@ class FileCheckpoints:
     """Checkpoints as plain files, ``out/checkpoints/epoch-NNNN.pt``; the latest ``keep`` stay.
 
     Args:
-        out: the run directory.
+        out: the run directory (or ``s3://`` prefix).
         keep: how many of the latest checkpoints to keep.
         rank: only rank 0 writes.
     """
 
     def __init__(self, out: str | Path, *, keep: int = 2, rank: int = 0) -> None:
-        self.dir, self.keep, self.rank = Path(out) / CHECKPOINT_DIR, keep, rank
+        self.out, self.keep, self.rank = os.fspath(out), keep, rank
 
     def __call__(self, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
         if self.rank != 0 or state is None:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with atomic_writer(self.dir / f"epoch-{int(state['epoch']):04d}.pt") as f:
+        with storage.atomic_output(storage.join(self.out, CHECKPOINT_DIR, f"epoch-{int(state['epoch']):04d}.pt")) as f:
             torch.save(state, f)
-        for old in checkpoint_files(self.dir.parent)[:-self.keep]:
-            old.unlink()
+        for old in checkpoint_files(self.out)[:-self.keep]:
+            storage.remove(old)
 
 
-def checkpoint_files(out: str | Path) -> list[Path]:
-    """The run's plain checkpoint files, oldest epoch first."""
-    folder = Path(out) / CHECKPOINT_DIR
-    found = [p for p in folder.iterdir() if CHECKPOINT_FILE.fullmatch(p.name) and p.is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(CHECKPOINT_FILE.fullmatch(p.name)[1]))
+def checkpoint_files(out: str | Path) -> list[str]:
+    """The run's plain checkpoint files (paths or URIs), oldest epoch first."""
+    folder = storage.join(out, CHECKPOINT_DIR)
+    found = [storage.join(folder, name) for name in storage.list_names(folder) if CHECKPOINT_FILE.fullmatch(name)]
+    if not storage.is_object_uri(folder):
+        found = [p for p in found if os.path.isfile(p)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_FILE.fullmatch(p.rsplit("/", 1)[-1])[1]))
+
+
+def ray_checkpoint_files(out: str | Path) -> list[str]:
+    """The checkpoint files in Ray Train's ``out/ray/checkpoint_*`` folders, oldest first."""
+    folder = storage.join(out, "ray")
+    names = [n for n in storage.list_names(folder) if n.startswith("checkpoint_")]
+    return [uri for uri in (storage.join(folder, n, RAY_CHECKPOINT) for n in names) if storage.is_file(uri)]
 
 
 def latest_checkpoint(out: str | Path) -> dict[str, Any] | None:
     """The newest checkpoint state in ``out``, from any launcher: the plain files and Ray Train's
     ``out/ray/checkpoint_*`` folders both count, so a run can resume under another launcher."""
-    out = Path(out)
-    candidates = [p for p in checkpoint_files(out)[-1:]]
-    candidates += sorted((out / "ray").glob(f"checkpoint_*/{RAY_CHECKPOINT}"))[-1:]
-    # mmap: comparing epochs reads only that number, not both files' weights and optimizer state
-    states = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in candidates]
+    candidates = checkpoint_files(out)[-1:] + ray_checkpoint_files(out)[-1:]
+    states = [load_state(p) for p in candidates]
     return max(states, key=lambda s: int(s["epoch"]), default=None)
+
+
+def load_state(uri: str | Path) -> dict[str, Any]:
+    """A checkpoint state from a file (memory-mapped: comparing epochs reads only that number,
+    not the weights and optimizer state) or an object (read whole)."""
+    if storage.is_object_uri(uri):
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    return torch.load(uri, map_location="cpu", weights_only=True, mmap=True)
 
 
 def heads_differ(model: torch.nn.Module, path: str) -> bool:
@@ -209,16 +223,22 @@ def heads_differ(model: torch.nn.Module, path: str) -> bool:
     return "head.weight" in state and state["head.weight"].shape != model.head.weight.shape
 
 
-def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
-    """``torch.save`` to ``path`` atomically and durably."""
-    with atomic_writer(path) as f:
+def save_weights(weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``torch.save`` to ``path`` (or an object) atomically and durably."""
+    with storage.atomic_output(path) as f:
         torch.save(weights, f)
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
-    """Append one JSON line (flushed and fsynced, so a killed run keeps what it logged)."""
+    """Append one JSON line (flushed and fsynced, so a killed run keeps what it logged); an
+    object is rewritten whole with the line added."""
+    line = json.dumps(record, sort_keys=True) + "\n"
+    if storage.is_object_uri(path):
+        before = storage.read_bytes(path) if storage.is_file(path) else b""
+        storage.write_bytes(path, before + line.encode("utf-8"))
+        return
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
@@ -278,12 +298,14 @@ def _resume(state, model, optimizer, scheduler, ema) -> tuple[int, int]:
     return int(state["epoch"]) + 1, int(state["step"])
 
 
-def _truncate_metrics(path: Path, start_epoch: int) -> None:
+def _truncate_metrics(path: str, start_epoch: int) -> None:
     """Drop lines of epochs that will be trained again, so a resumed run logs each epoch once."""
-    if not path.exists():
+    if not storage.is_file(path):
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < start_epoch]
-    atomic_write_bytes(path, "".join(line + "\n" for line in keep).encode())
+    lines = storage.read_bytes(path).decode("utf-8").splitlines()
+    keep = [line for line in lines if line and json.loads(line)["epoch"] < start_epoch]
+    if len(keep) < len(lines):
+        storage.write_bytes(path, "".join(line + "\n" for line in keep).encode())
 
 
 def _throttled(progress: ProgressFn | None, *, start: int, every_s: float = 0.5) -> Callable[..., None]:

@@ -200,3 +200,38 @@ def write_teacher(path: Path, num_classes: int = 10, *, side: int = 16) -> Path:
                "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A real S3 API (moto's server) on loopback, on a port the system picks, for this session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> str:
+    """``s3://BUCKET`` of a fresh bucket; the AWS environment points every process at the server."""
+    import re
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    for key, value in {"AWS_ENDPOINT_URL_S3": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    host = s3_endpoint.split("://", 1)[1]
+    pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1", access_key="testing",
+                      secret_key="testing", allow_bucket_creation=True).create_dir(bucket)
+    return f"s3://{bucket}"

@@ -1,0 +1,275 @@
+"""Files in a local directory or in object storage (``s3://bucket/prefix``), through one set of calls.
+
+Object storage goes through ``pyarrow.fs.S3FileSystem`` (the client Ray uses too), configured
+from the standard AWS environment, read explicitly so every process and node agrees:
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (an S3-compatible server such as MinIO),
+``AWS_REGION`` / ``AWS_DEFAULT_REGION``, and ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+``AWS_SESSION_TOKEN`` (else the SDK's own chain: config files, instance roles).
+
+Writes appear whole or not at all, on disk and in a bucket alike. A local file goes through
+``atomic.atomic_writer`` (temporary name, fsync, rename). An object is first written in full to
+a local temporary file, uploaded under a temporary key beside its destination
+(``.NAME.tmp-PID-N``, the same pattern as on disk) and then copied to its final key by the
+server, so an interrupted upload never leaves a partial object under a final name; a leftover
+temporary key is what a rerun's clean-up recognises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from deitpipe.shards.atomic import atomic_writer, temp_path
+
+OBJECT_SCHEMES = ("s3://",)
+_CHUNK = 8 << 20
+
+
+class StorageError(OSError):
+    """A read or write of object storage failed; the message is one line naming the URI."""
+
+    def __init__(self, uri: str, cause: str | None = None) -> None:
+        super().__init__(uri if cause is None else f"{uri}: {cause}")  # one argument: it pickles as one
+        self.uri, self.cause = uri, cause if cause is not None else uri
+
+
+def is_object_uri(uri: str | os.PathLike | None) -> bool:
+    """Whether ``uri`` names object storage (``s3://bucket/key``)."""
+    return uri is not None and os.fspath(uri).startswith(OBJECT_SCHEMES)
+
+
+def join(base: str | os.PathLike, *names: str) -> str:
+    """``base/name/...`` for a local directory or an object prefix."""
+    base = os.fspath(base)
+    if is_object_uri(base):
+        return "/".join([base.rstrip("/"), *names])
+    return os.path.join(base, *names)
+
+
+def s3_options(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``S3FileSystem`` keyword arguments from the AWS environment variables (see module doc)."""
+    env = dict(os.environ if env is None else env)
+    options: dict[str, Any] = {"connect_timeout": 10.0, "request_timeout": 60.0}
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise StorageError("AWS_ENDPOINT_URL", f"{endpoint!r} is not an http(s):// URL")
+        options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        options["region"] = region
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        options.update(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"])
+        if env.get("AWS_SESSION_TOKEN"):
+            options["session_token"] = env["AWS_SESSION_TOKEN"]
+    return options
+
+
+def filesystem(uri: str | os.PathLike) -> tuple[Any, str]:
+    """``(pyarrow filesystem, path in it)`` for a local path or an ``s3://`` URI."""
+    import pyarrow.fs as pafs
+
+    uri = os.fspath(uri)
+    if is_object_uri(uri):
+        path = uri.split("://", 1)[1].rstrip("/")
+        if not path or path.startswith("/"):
+            raise StorageError(uri, "expected s3://BUCKET/KEY")
+        return _s3(tuple(sorted(s3_options().items()))), path
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+@functools.lru_cache(maxsize=4)
+def _s3(options: tuple[tuple[str, Any], ...]) -> Any:
+    import pyarrow.fs as pafs
+
+    return pafs.S3FileSystem(**dict(options), retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+
+
+def storage_error(uri: str, exc: BaseException) -> StorageError:
+    """One line for a failed object-storage call: the URI and the cause in words."""
+    text = str(exc)
+    causes = (("NO_SUCH_BUCKET", "no such bucket"), ("ACCESS_DENIED", "access denied"),
+              ("403", "access denied"), ("NETWORK_CONNECTION", "endpoint unreachable"),
+              ("curlCode: 7", "endpoint unreachable"), ("Path does not exist", "no such object"),
+              ("INVALID_ACCESS_KEY_ID", "invalid credentials"), ("SIGNATURE_DOES_NOT_MATCH", "invalid credentials"))
+    cause = next((words for marker, words in causes if marker in text), None)
+    if cause is None:
+        cause = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:200]
+    if cause == "endpoint unreachable":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        cause += f" ({endpoint})" if endpoint else ""
+    return StorageError(uri, cause)
+
+
+@contextlib.contextmanager
+def _errors(uri: str) -> Iterator[None]:
+    if not is_object_uri(uri):
+        yield
+        return
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        raise storage_error(uri, exc) from exc
+
+
+def _info(uri: str) -> Any:
+    fs, path = filesystem(uri)
+    with _errors(uri):
+        return fs.get_file_info(path)
+
+
+def is_file(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` is a file (an object)."""
+    import pyarrow.fs as pafs
+
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        return os.path.isfile(uri)
+    return _info(uri).type == pafs.FileType.File
+
+
+def is_dir(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` is a directory (a prefix with objects under it)."""
+    import pyarrow.fs as pafs
+
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        return os.path.isdir(uri)
+    return _info(uri).type == pafs.FileType.Directory
+
+
+def size(uri: str | os.PathLike) -> int | None:
+    """The file's size in bytes, None when there is none."""
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        return os.path.getsize(uri) if os.path.isfile(uri) else None
+    info = _info(uri)
+    return info.size if info.is_file else None
+
+
+def list_names(uri: str | os.PathLike) -> list[str]:
+    """Names directly inside a directory or prefix (files and sub-directories), sorted; [] when absent."""
+    import pyarrow.fs as pafs
+
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        return sorted(os.listdir(uri)) if os.path.isdir(uri) else []
+    fs, path = filesystem(uri)
+    with _errors(uri):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return sorted(info.base_name for info in infos)
+
+
+def open_input(uri: str | os.PathLike) -> IO[bytes]:
+    """A binary file to read ``uri`` from, with random access (objects: ranged reads)."""
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        return open(uri, "rb")
+    fs, path = filesystem(uri)
+    with _errors(uri):
+        return fs.open_input_file(path)
+
+
+def open_stream(uri: str | os.PathLike) -> IO[bytes]:
+    """A binary file to read ``uri`` from start to end (objects: one buffered ranged GET per 8 MiB)."""
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        return open(uri, "rb")
+    fs, path = filesystem(uri)
+    with _errors(uri):
+        return fs.open_input_stream(path, buffer_size=_CHUNK)
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    """The whole file."""
+    uri = os.fspath(uri)
+    with _errors(uri), open_stream(uri) as f:
+        return f.read()
+
+
+def read_range(uri: str | os.PathLike, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` (one ranged GET for an object)."""
+    uri = os.fspath(uri)
+    with _errors(uri), open_input(uri) as f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise StorageError(uri, f"expected {length} bytes at offset {offset}, got {len(data)} (file changed?)")
+    return data
+
+
+@contextlib.contextmanager
+def atomic_output(uri: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file whose content appears at ``uri`` only when the block exits cleanly.
+
+    A local parent directory is created; an object is staged in a local temporary file and
+    uploaded when the block ends (see the module doc).
+    """
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
+        with atomic_writer(uri) as f:
+            yield f
+        return
+    with tempfile.TemporaryFile() as staged:
+        yield staged
+        staged.seek(0)
+        upload(staged, uri)
+
+
+def upload(source: IO[bytes] | str | os.PathLike, uri: str) -> None:
+    """Copy a local file (or an open binary file) to the object ``uri``: temporary key, then a
+    server-side copy to the final key; the temporary key is removed either way."""
+    fs, path = filesystem(uri)
+    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    tmp = f"{parent}/{temp_path(name).name}" if parent else temp_path(name).name
+    with _errors(uri):
+        try:
+            with contextlib.ExitStack() as stack:
+                src = source if hasattr(source, "read") else stack.enter_context(open(source, "rb"))
+                with fs.open_output_stream(tmp) as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+            fs.move(tmp, path)  # S3: CopyObject, then DeleteObject of the temporary key
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.delete_file(tmp)
+            raise
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``uri`` atomically (see :func:`atomic_output`)."""
+    with atomic_output(uri) as f:
+        f.write(data)
+
+
+def remove(uri: str | os.PathLike) -> None:
+    """Remove one file or object, if present (never a directory)."""
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        if os.path.isfile(uri) and not os.path.islink(uri):
+            os.unlink(uri)
+        return
+    fs, path = filesystem(uri)
+    with _errors(uri):
+        if fs.get_file_info(path).is_file:
+            fs.delete_file(path)
+
+
+def remove_tree(uri: str | os.PathLike) -> None:
+    """Remove a directory or prefix with everything under it."""
+    uri = os.fspath(uri)
+    if not is_object_uri(uri):
+        shutil.rmtree(uri)
+        return
+    fs, path = filesystem(uri)
+    with _errors(uri):
+        fs.delete_dir(path)
