@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deitpipe.pipeline.evaluate import resolve_student
-from deitpipe.shards.atomic import atomic_writer
+from deitpipe.shards import storage
 from deitpipe.shards.manifest import write_json_atomic
 from deitpipe.student import evaluate
 from deitpipe.student.data import EvalImages, eval_items
@@ -52,25 +52,26 @@ def analyze_student(*, run: str, data: str, out: str | None = None, max_images: 
     skipped: list[dict[str, str]] = []
     heads = evaluate(model, dataset.decodable(loader, skipped), device=torch.device("cpu"),
                      num_classes=model.num_classes)
-    curves = _curves(Path(run) / "metrics.jsonl")
+    curves = _curves(storage.join(run, "metrics.jsonl"))
     report = {"run": run, "data": data, "images": seen, "skipped": skipped,
               "token_similarity": [round(float(v), 4) for v in (sims / seen)], "heads": heads, "curves": curves}
-    dest = Path(out or run)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = out or run  # a directory or an s3:// prefix
+    if not storage.is_object_uri(dest):
+        Path(dest).mkdir(parents=True, exist_ok=True)
     report["plots"] = _plots(report, dest)
-    write_json_atomic(dest / "analysis.json", report)
+    write_json_atomic(storage.join(dest, "analysis.json"), report)
     return report
 
 
-def _curves(path: Path) -> dict[str, list[float]]:
-    if not path.exists():
+def _curves(path: str) -> dict[str, list[float]]:
+    if not storage.is_file(path):
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    rows = [json.loads(line) for line in storage.read_bytes(path).decode("utf-8").splitlines() if line]
     keys = ["epoch", "loss", "cls", "dist", "lr", "val_top1_cls", "val_top1_dist", "val_top1_avg"]
     return {k: [r[k] for r in rows if k in r] for k in keys if any(k in r for r in rows)}
 
 
-def _plots(report: dict[str, Any], dest: Path) -> list[str]:
+def _plots(report: dict[str, Any], dest: str) -> list[str]:
     # matplotlib is optional (the plots extra) and slow to import: loaded only when plotting.
     try:
         import matplotlib
@@ -86,7 +87,7 @@ def _plots(report: dict[str, Any], dest: Path) -> list[str]:
     ax.set(xlabel="layer (0 = input)", ylabel="cos(class token, distillation token)", ylim=(-0.1, 1.05),
            title="Class vs distillation token")
     ax.grid(alpha=0.3)
-    paths.append(_save(fig, dest / "token_similarity.png"))
+    paths.append(_save(fig, storage.join(dest, "token_similarity.png")))
     curves = report["curves"]
     if curves.get("epoch"):
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -101,16 +102,16 @@ def _plots(report: dict[str, Any], dest: Path) -> list[str]:
         b.set(xlabel="epoch", ylabel="held-out top-1 (%)")
         if any(k.startswith("val_") for k in curves):
             b.legend()
-        paths.append(_save(fig, dest / "curves.png"))
+        paths.append(_save(fig, storage.join(dest, "curves.png")))
     return paths
 
 
-def _save(fig, path: Path) -> str:
+def _save(fig, path: str) -> str:
     import matplotlib.pyplot as plt  # optional dependency, imported by _plots before any call
 
     fig.tight_layout()
     try:
-        with atomic_writer(path) as f:
+        with storage.atomic_output(path) as f:
             fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)

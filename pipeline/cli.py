@@ -94,7 +94,7 @@ def train_student_cmd(**options) -> None:
 
 
 @main.command("evaluate")
-@click.option("--checkpoint", required=True, help="student.pt, a run directory, or a DeiT checkpoint file.")
+@click.option("--checkpoint", required=True, help="student.pt, a run directory, or a DeiT checkpoint file (local or s3://).")
 @click.option("--data", default="digits:val", show_default=True, help="ImageFolder, label-teacher shards, or 'digits:val'.")
 @config_options(TrainConfig, only=MODEL_FIELDS, defaults={"model": None}, helps={
     "model": "Student variant: deit_{tiny,small,base}[_distilled]_patch16_{224,384} (default: the run's "

@@ -20,7 +20,7 @@ class LabelConfig:
 
     data: str = option("digits", "Input: 'digits' (embedded), 'digits:train', an ImageFolder directory, or "
                        "WebDataset tars as a brace pattern (local, pipe: or s3://).")
-    out: str = option("shards-out", "Output directory for shards and manifest.json.")
+    out: str = option("shards-out", "Output directory for shards and manifest.json (local, or s3://bucket/prefix).")
     teacher: str = option("regnet_y_16gf", "torchvision classification model name.")
     teacher_weights: str | None = option(None, "Local weights file (state dict or checkpoint); default: "
                                          "torchvision's weights from the torch hub cache.")

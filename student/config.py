@@ -81,7 +81,7 @@ class TrainConfig:
                          "(local, s3://, http(s)://, pipe:).")
     manifest: str | None = option(None, "The shards' manifest.json (path or URL) when it is not beside them, "
                                   "as with pipe: commands.")
-    out: str = option("student-out", "Run directory.")
+    out: str = option("student-out", "Run directory (local, or s3://bucket/prefix).")
     val: str | None = option(None, "Held-out data evaluated each epoch: 'digits:val', an ImageFolder, or shards.")
     model: str = option("deit_tiny_distilled_patch16_224",
                         "Student variant: deit_{tiny,small,base}[_distilled]_patch16_{224,384}.")

@@ -207,6 +207,12 @@ def test_train_student_writes_and_resumes_in_a_bucket(tmp_path, s3_bucket, launc
     a, b = (json.loads(r.output[r.output.index("{"):]) for r in out)
     assert a["top1_avg"] == b["top1_avg"] and a["n"] == b["n"] == 6
 
+    if launcher == "local":  # analyze reads the run and writes its report beside it, in the bucket
+        result = CliRunner().invoke(main, ["analyze", "--run", run, "--data", str(val), "--json"])
+        assert result.exit_code == 0, result.output
+        assert storage.is_file(f"{run}/analysis.json") and storage.is_file(f"{run}/curves.png")
+        assert json.loads(storage.read_bytes(f"{run}/analysis.json"))["curves"]["epoch"] == [0, 1, 2]
+
     # --overwrite replaces the run's own objects only
     storage.write_bytes(f"{run}/notes.txt", b"the user's")
     train_student(replace(_train_config(shards, run, launcher=launcher, epochs=1), overwrite=True))
