@@ -42,6 +42,7 @@ from deitpipe.teacher import Preprocessing, TeacherInfo, TeacherPredictor, build
 
 
 _OUTPUT_MEMBERS = ("hard", "topk", "prob", "rest", "softmax")
+_READERS = 16  # a shard's source images read at once (ranged GETs, when they lie in object storage)
 
 
 class LabelError(RuntimeError):
@@ -150,10 +151,12 @@ def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int,
         Its manifest entry; ``first_index`` is the position of its first input in the
         assignment order (``shards.plan.assign_shards``).
     """
-    with ShardFileWriter(out_dir, schema.shard_name(shard)) as writer:
-        for index in (i for i in order if i in rows):
+    indices = [i for i in order if i in rows]
+    with ShardFileWriter(out_dir, schema.shard_name(shard)) as writer, \
+            ThreadPoolExecutor(max_workers=_READERS) as readers:
+        # Images in object storage are one ranged GET each: many in flight, written in order.
+        for index, data in zip(indices, readers.map(lambda i: read_bytes(source.candidates[i]), indices)):
             row, cand = rows[index], source.candidates[index]
-            data = read_bytes(cand)
             ext = sniff_image_type(data)
             # Types the schema does not list are stored as PNG of the same pixel grid.
             image_bytes, ext = (data, ext) if ext else storable_image(data, decode_image(data))
