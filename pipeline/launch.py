@@ -196,7 +196,7 @@ def ray_worker(loop_config: dict[str, Any]) -> None:
     teacher = online_teacher_fn(cfg, loop_config["info"]["num_classes"], device) if cfg.online_teacher else None
     train(cfg, info=loop_config["info"], mode=loop_config["mode"], out=out, device=device, rank=rank, world=world,
           cpus=int(loop_config["cpus"]), resume=resume, save=_ray_report,
-          progress=(lambda start, step, info: board.post.remote(start, step, info)) if board else None,
+          progress=board_poster(board) if board else None,
           online_teacher=teacher)
 
 
@@ -213,8 +213,13 @@ def _ray_report(state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
 
 def progress_board():
     """A small actor that rank 0 posts its progress to and the driver reads: worker output stays
-    in Ray's logs, and the driver shows one bar, on any node layout."""
+    in Ray's logs, and the driver shows one bar, on any node layout.
+
+    It lives on the driver's node: a lost worker node takes Train workers (which Ray Train
+    restarts) but never the board, which nothing would restart.
+    """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class ProgressBoard:
@@ -227,11 +232,27 @@ def progress_board():
         def read(self) -> tuple[int, int, dict]:
             return self.state
 
-    return ProgressBoard.remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ProgressBoard.options(scheduling_strategy=here).remote()
+
+
+def board_poster(board) -> Callable[[int, int, dict], None]:
+    """Rank 0's progress callback: post to ``board`` without waiting. The board is the driver's
+    display, not part of training, so a board that is gone is ignored."""
+    import ray
+
+    def post(start: int, step: int, info: dict) -> None:
+        with contextlib.suppress(ray.exceptions.RayActorError):
+            board.post.remote(start, step, info)
+
+    return post
 
 
 def follow(fit: Callable[[], Any], board, bar: Progress, *, every_s: float = 0.5) -> None:
-    """Run ``fit`` in a thread and move ``bar`` as the board says; re-raise what ``fit`` raised."""
+    """Run ``fit`` in a thread and move ``bar`` as the board says; re-raise what ``fit`` raised.
+
+    A board that is lost only stops the bar: the run goes on, and its outcome is ``fit``'s.
+    """
     import ray
 
     failure: list[BaseException] = []
@@ -247,7 +268,11 @@ def follow(fit: Callable[[], Any], board, bar: Progress, *, every_s: float = 0.5
     feed = Feed(bar)
     while True:
         thread.join(timeout=every_s)
-        feed(*ray.get(board.read.remote()))
+        if board is not None:
+            try:
+                feed(*ray.get(board.read.remote()))
+            except ray.exceptions.RayActorError:
+                board = None  # the display is gone, not the run
         if not thread.is_alive():
             break
     bar.close()

@@ -202,11 +202,28 @@ def ray_checkpoint_files(out: str | Path) -> list[str]:
 
 
 def latest_checkpoint(out: str | Path) -> dict[str, Any] | None:
-    """The newest checkpoint state in ``out``, from any launcher: the plain files and Ray Train's
-    ``out/ray/checkpoint_*`` folders both count, so a run can resume under another launcher."""
-    candidates = checkpoint_files(out)[-1:] + ray_checkpoint_files(out)[-1:]
-    states = [load_state(p) for p in candidates]
-    return max(states, key=lambda s: int(s["epoch"]), default=None)
+    """The newest readable checkpoint state in ``out``, from any launcher: the plain files and Ray
+    Train's ``out/ray/checkpoint_*`` folders both count, so a run can resume under another launcher.
+
+    A checkpoint cut off by a lost node (Ray Train copies a worker's folder into its storage file
+    by file) does not load; the next newest of its kind is taken instead, so a rerun resumes
+    rather than failing on the same file again.
+    """
+    states = [_newest_readable(checkpoint_files(out)), _newest_readable(ray_checkpoint_files(out))]
+    return max((s for s in states if s is not None), key=lambda s: int(s["epoch"]), default=None)
+
+
+def _newest_readable(paths: list[str]) -> dict[str, Any] | None:
+    for path in reversed(paths):
+        try:
+            state = load_state(path)
+        except storage.StorageError:
+            raise  # the store is unreachable: not a reason to resume from an older epoch
+        except (RuntimeError, EOFError, ValueError, OSError):  # what torch raises on a cut-off file
+            continue
+        if isinstance(state, dict) and "epoch" in state:
+            return state
+    return None
 
 
 def load_state(uri: str | Path) -> dict[str, Any]:

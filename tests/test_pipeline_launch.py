@@ -59,10 +59,10 @@ def test_local_launcher_trains_and_resumes_to_the_uninterrupted_result(tmp_path)
     full, cut = tmp_path / "full", tmp_path / "cut"
     train_student(_config(shards, full))
     partial = train_student(_config(shards, cut, stop_after_steps=7))  # 5 steps an epoch: stops in epoch 1
-    assert partial["epochs_done"] == 1 and [p.name for p in checkpoint_files(cut)] == ["epoch-0000.pt"]
+    assert partial["epochs_done"] == 1 and [Path(p).name for p in checkpoint_files(cut)] == ["epoch-0000.pt"]
     train_student(_config(shards, cut))
     assert_same_run(full, cut, tol=1e-6)
-    assert [p.name for p in checkpoint_files(cut)] == ["epoch-0001.pt", "epoch-0002.pt"]  # --keep-checkpoints 2
+    assert [Path(p).name for p in checkpoint_files(cut)] == ["epoch-0001.pt", "epoch-0002.pt"]  # --keep-checkpoints 2
     assert not (full / "ray").exists()
 
 
@@ -70,7 +70,7 @@ def test_checkpoints_are_plain_dicts_and_the_newest_is_found(tmp_path):
     save = FileCheckpoints(tmp_path, keep=2)
     for epoch in range(4):
         save({"epoch": epoch, "step": 10 * epoch, "model": {"w": torch.full((2,), float(epoch))}}, {})
-    assert [p.name for p in checkpoint_files(tmp_path)] == ["epoch-0002.pt", "epoch-0003.pt"]
+    assert [Path(p).name for p in checkpoint_files(tmp_path)] == ["epoch-0002.pt", "epoch-0003.pt"]
     ray_dir = tmp_path / "ray" / "checkpoint_000009"  # Ray Train's folder of an older epoch
     ray_dir.mkdir(parents=True)
     torch.save({"epoch": 1, "step": 10}, ray_dir / "checkpoint.pt")
@@ -78,6 +78,18 @@ def test_checkpoints_are_plain_dicts_and_the_newest_is_found(tmp_path):
     assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.full((2,), 3.0))
     torch.save({"epoch": 5, "step": 50}, ray_dir / "checkpoint.pt")  # now Ray's is newer: it wins
     assert latest_checkpoint(tmp_path)["epoch"] == 5
+    # A checkpoint cut off by a lost node is passed over for the next newest, on either side.
+    newer = tmp_path / "ray" / "checkpoint_000010"
+    newer.mkdir()
+    data = (ray_dir / "checkpoint.pt").read_bytes()
+    for cut in (0, 10, len(data) // 2, len(data) - 5):
+        (newer / "checkpoint.pt").write_bytes(data[:cut])
+        assert latest_checkpoint(tmp_path)["epoch"] == 5
+    (ray_dir / "checkpoint.pt").write_bytes(data[:100])
+    assert latest_checkpoint(tmp_path)["epoch"] == 3  # both of Ray's unreadable: the plain file's
+    newest = checkpoint_files(tmp_path)[-1]
+    Path(newest).write_bytes(Path(newest).read_bytes()[:50])
+    assert latest_checkpoint(tmp_path)["epoch"] == 2
 
 
 def _cli(*args, cwd: Path, **kw) -> subprocess.Popen:
