@@ -96,7 +96,7 @@ def storage_error(uri: str, exc: BaseException) -> StorageError:
     """One line for a failed object-storage call: the URI and the cause in words."""
     text = str(exc)
     causes = (("NO_SUCH_BUCKET", "no such bucket"), ("ACCESS_DENIED", "access denied"),
-              ("403", "access denied"), ("NETWORK_CONNECTION", "endpoint unreachable"),
+              ("HTTP status 403", "access denied"), ("NETWORK_CONNECTION", "endpoint unreachable"),
               ("curlCode: 7", "endpoint unreachable"), ("Path does not exist", "no such object"),
               ("INVALID_ACCESS_KEY_ID", "invalid credentials"), ("SIGNATURE_DOES_NOT_MATCH", "invalid credentials"))
     cause = next((words for marker, words in causes if marker in text), None)

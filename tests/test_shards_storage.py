@@ -137,3 +137,19 @@ def test_manifest_of_a_prefix_names_the_uri_when_missing(s3_bucket):
 
     with pytest.raises(ManifestError, match=f"{s3_bucket}/nowhere/{schema.MANIFEST_NAME}: cannot read"):
         read_manifest(f"{s3_bucket}/nowhere")
+
+
+@pytest.mark.parametrize("message, cause", [
+    ("When reading information for key 'k' in bucket 'b': AWS Error ACCESS_DENIED during HeadObject operation: "
+     "No response body.", "access denied"),
+    ("When listing objects under key 'k' in bucket 'b': AWS Error UNKNOWN (HTTP status 403) during ListObjectsV2 "
+     "operation: Unable to parse ExceptionName: AccessDenied", "access denied"),
+    ("When getting information for key 'k' in bucket 'b': AWS Error INVALID_ACCESS_KEY_ID during HeadObject "
+     "operation: The AWS Access Key Id you provided does not exist", "invalid credentials"),
+    ("When initiating multiple part upload for key 'k' in bucket 'b': AWS Error NO_SUCH_BUCKET during "
+     "CreateMultipartUpload operation: The specified bucket does not exist", "no such bucket"),
+    ("Something new\nwith a second line", "Something new"),
+])
+def test_pyarrow_errors_become_one_line_causes(message, cause):
+    err = storage.storage_error("s3://b/k", OSError(message))
+    assert str(err) == f"s3://b/k: {cause}" and err.cause == cause
