@@ -171,22 +171,21 @@ def list_names(uri: str | os.PathLike) -> list[str]:
 
 def open_input(uri: str | os.PathLike) -> IO[bytes]:
     """A binary file to read ``uri`` from, with random access (objects: ranged reads)."""
-    uri = os.fspath(uri)
-    if not is_object_uri(uri):
-        return open(uri, "rb")
-    fs, path = filesystem(uri)
-    with _errors(uri):
-        return fs.open_input_file(path)
+    return _open(uri, stream=False)
 
 
 def open_stream(uri: str | os.PathLike) -> IO[bytes]:
     """A binary file to read ``uri`` from start to end (objects: one buffered ranged GET per 8 MiB)."""
+    return _open(uri, stream=True)
+
+
+def _open(uri: str | os.PathLike, *, stream: bool) -> IO[bytes]:
     uri = os.fspath(uri)
     if not is_object_uri(uri):
         return open(uri, "rb")
     fs, path = filesystem(uri)
     with _errors(uri):
-        return fs.open_input_stream(path, buffer_size=_CHUNK)
+        return fs.open_input_stream(path, buffer_size=_CHUNK) if stream else fs.open_input_file(path)
 
 
 def read_bytes(uri: str | os.PathLike) -> bytes:

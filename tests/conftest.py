@@ -235,3 +235,19 @@ def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest
     pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1", access_key="testing",
                       secret_key="testing", allow_bucket_creation=True).create_dir(bucket)
     return f"s3://{bucket}"
+
+
+class RecordingBar:
+    """A stand-in for ``pipeline.progress.Progress`` that records what it was told."""
+
+    def __init__(self):
+        self.began, self.updates, self.closed = None, [], False
+
+    def begin(self, done_before=0):
+        self.began = done_before
+
+    def update(self, n, **info):
+        self.updates.append((n, info))
+
+    def close(self):
+        self.closed = True

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_digit_folder, write_shard_set, write_teacher
+from conftest import RecordingBar, write_digit_folder, write_shard_set, write_teacher
 from deitpipe.shards import schema
 from deitpipe.shards.reader import iter_samples
 
@@ -111,20 +111,6 @@ def run(args: list[str]) -> None:
     assert done.returncode == 0, done.stderr.decode()[-2000:]
 
 
-class _Bar:
-    def __init__(self):
-        self.began, self.updates, self.closed = None, [], False
-
-    def begin(self, done_before=0):
-        self.began = done_before
-
-    def update(self, n, **info):
-        self.updates.append((n, info))
-
-    def close(self):
-        self.closed = True
-
-
 def test_the_progress_board_lives_on_the_drivers_node_and_its_loss_stops_only_the_bar(cluster):
     from deitpipe.pipeline.launch import board_poster, follow, progress_board
 
@@ -145,7 +131,7 @@ def test_the_progress_board_lives_on_the_drivers_node_and_its_loss_stops_only_th
                 post(0, step, {"epoch": "2/2"})
                 time.sleep(0.1)
 
-        bar = _Bar()
+        bar = RecordingBar()
         follow(fit, board, bar, every_s=0.02)  # returns as fit did, not with the board's death
         assert bar.began == 0 and bar.closed
         assert sum(n for n, _ in bar.updates) == 3  # what the board showed before it was lost

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import write_shard_set
+from conftest import RecordingBar, write_shard_set
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.evaluate import evaluate_student
 from deitpipe.pipeline.train import TrainError, shard_info, train_student
@@ -203,20 +203,6 @@ def test_two_ddp_workers_take_equal_steps_over_the_data(tmp_path):
     assert result["last"]["step"] == 10
 
 
-class _Recorder:
-    def __init__(self):
-        self.began, self.updates, self.closed = None, [], False
-
-    def begin(self, done_before=0):
-        self.began = done_before
-
-    def update(self, n, **info):
-        self.updates.append((n, info))
-
-    def close(self):
-        self.closed = True
-
-
 def test_the_driver_follows_rank_zeros_progress_from_a_resumed_step():
     import time
 
@@ -229,7 +215,7 @@ def test_the_driver_follows_rank_zeros_progress_from_a_resumed_step():
             ray.get(board.post.remote(10, step, {"epoch": "2/2"}))
             time.sleep(0.1)
 
-    bar = _Recorder()
+    bar = RecordingBar()
     follow(fit, board, bar, every_s=0.02)
     assert bar.began == 10 and bar.closed
     assert sum(n for n, _ in bar.updates) == 10  # steps 11..20 of this run, none counted twice
@@ -242,7 +228,7 @@ def test_a_failure_in_fit_reaches_the_caller():
     def fit():
         raise RuntimeError("worker died")
 
-    bar = _Recorder()
+    bar = RecordingBar()
     with pytest.raises(RuntimeError, match="worker died"):
         follow(fit, progress_board(), bar, every_s=0.01)
     assert bar.closed
