@@ -120,9 +120,9 @@ def test_the_progress_board_lives_on_the_drivers_node_and_its_loss_stops_only_th
         post = board_poster(board)
         post(0, 3, {"epoch": "1/2"})
         assert ray.get(board.read.remote()) == (0, 3, {"epoch": "1/2"})
-        # Not on a worker node, whose loss would take it: the driver's node, here the head.
+        # On the driver's node, not wherever Ray finds room. (With every node on one machine, a
+        # driver attaches to any of their raylets: the head with Ray 2.60, any node with 2.51.)
         assert nodes_running(cluster, "ray::ProgressBoard") == [ray.get_runtime_context().get_node_id()]
-        assert ray.get_runtime_context().get_node_id() == cluster.head_node.node_id
 
         def fit():  # the board is lost mid-run; rank 0 goes on posting, the driver reading
             time.sleep(0.2)
@@ -226,8 +226,9 @@ def test_train_student_across_nodes_resumes_after_losing_a_worker_node(cluster, 
         workers = nodes_running(cluster, "ray::RayTrainWorker")
         head = cluster.head_node.node_id
         assert len(workers) == 2 and len(set(workers)) == 2 and head not in workers  # two ranks, two nodes
-        assert nodes_running(cluster, "ray::ProgressBoard") == [head]  # with the driver
-        remove(cluster, workers[0])
+        board = nodes_running(cluster, "ray::ProgressBoard")  # on the driver's node, which must stay
+        assert len(board) == 1
+        remove(cluster, next(w for w in workers if w not in board))
         done_at_loss = len(_lines(cut))
     assert done_at_loss < 3  # the node was lost with epochs still to train
 
