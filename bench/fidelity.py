@@ -1,25 +1,36 @@
 """The fidelity table: does replaying stored views come within noise of the live teacher?
 
-On digits (1,200 training / 597 held-out images, 32 px), the same student and schedule, several
-seeds each, held-out top-1 (mean ± standard deviation) of:
+On an embedded data set (cluttered digits by default, ``--data digits`` for the plain ones:
+1,200 training / 597 held-out images, 32 px), the demo's teacher, views and student, several seeds
+each, held-out top-1 of the averaged heads of:
     no distillation;
     hard / soft distillation from the global label only (fixed teacher, fresh crops);
     hard / soft distillation from stored views, replayed;
     hard / soft distillation from the teacher run live on the student's batch.
-Also the low-noise measure of the mechanism: how often the label the student trains with agrees
-with the live teacher on the pixels the student sees (global labels under fresh crops vs stored
-views replayed).
+Each row gives mean ± sd over seeds and, for its difference from "no distillation" and from the
+live teacher of the same kind (hard or soft), the mean difference and its standard error, both
+paired by seed (a seed fixes a student's initial weights and data order in every row) and
+unpaired (Welch). Every student is evaluated after each epoch, so the curves show whether the
+schedule was long enough.
+
+Also the low-noise measure of the mechanism: how often the label the student trains with equals
+the live teacher's argmax on exactly the pixels the student is given, for the un-augmented view
+and after DeiT's RandAugment, random erasing and mixup/cutmix (the stored labels mixed as the
+training loop mixes them).
 
 The students train in-process with train-student's training core (``student.trainer.train``,
-as ``--launcher local`` runs it), so the table measures learning, not orchestration.
+as ``--launcher local`` runs it), so the table measures learning, not orchestration. Each
+finished student leaves ``result.json`` in its folder, and a rerun skips it: a long table can be
+run in parts (``--rows``, ``--seeds``) and summed up with ``--summary``.
 
-Run: python bench/fidelity.py [--seeds 0 1 2] [--epochs 25] [--quick]
+Run: python bench/fidelity.py [--data cluttered-digits] [--seeds 0 1 2 3 4] [--epochs N] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -28,97 +39,179 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from deitpipe.pipeline.config import LabelConfig
-from deitpipe.pipeline.demo import DemoConfig, _teacher, student_config
+from deitpipe.pipeline.config import DEMO_DEFAULTS, LabelConfig
+from deitpipe.pipeline.demo import DemoConfig, _check_same_data, _teacher, student_config
 from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.launch import online_teacher_fn
 from deitpipe.pipeline.train import teacher_labels_mode
+from deitpipe.shards.manifest import write_json_atomic
 from deitpipe.shards.reader import expand_urls
 from deitpipe.shards.sources import digits_image_folder
-from deitpipe.student import create_student, evaluate
-from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items
+from deitpipe.student.data import Augment, ShardReplay
+from deitpipe.student.engine import MixupCutmix
 from deitpipe.student.trainer import train
 
-ROWS = [("no distillation", "none", None, False), ("fixed teacher, hard", "hard", "global", False),
+NONE, LIVE = "no distillation", "live teacher"
+ROWS = [(NONE, "none", None, False), ("fixed teacher, hard", "hard", "global", False),
         ("fixed teacher, soft", "soft", "global", False), ("stored views, hard", "hard", "views", False),
-        ("stored views, soft", "soft", "views", False), ("live teacher, hard", "hard", None, True),
-        ("live teacher, soft", "soft", None, True)]
+        ("stored views, soft", "soft", "views", False), (f"{LIVE}, hard", "hard", None, True),
+        (f"{LIVE}, soft", "soft", None, True)]
+# What the student's input goes through, step by step, for the consistency measure: DeiT's
+# RandAugment (rand-m9-mstd0.5), random erasing 0.25, mixup 0.8 / cutmix 1.0 (switch 0.5).
+INPUTS = [("un-augmented view (flip only)", None, 0.0, False), ("+ RandAugment", 9.0, 0.0, False),
+          ("+ RandAugment + erasing", 9.0, 0.25, False), ("+ RandAugment + erasing + mixup/cutmix", 9.0, 0.25, True)]
 
 
-def train_one(cfg, *, info, val, online, out: Path) -> float:
-    """Train one student with train-student's core in this process; returns held-out top-1 (avg head)."""
+def train_one(cfg, *, info, online, out: Path) -> dict:
+    """Train one student with train-student's core in this process (or reuse a finished one).
+
+    Returns:
+        ``{"top1": held-out top-1 of the averaged heads after the last epoch, "curve": the same
+        after every epoch, "seconds": training time}``.
+    """
+    done = out / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    start = time.perf_counter()
     mode = teacher_labels_mode(cfg, info["views"])
-    train(replace(cfg, val=None, out=str(out)), info=info, mode=mode, out=out, device=torch.device("cpu"),
-          cpus=torch.get_num_threads(), save=lambda state, metrics: None, online_teacher=online)
-    model = create_student(cfg.model, num_classes=info["num_classes"], **cfg.model_overrides())
-    model.load_state_dict(torch.load(out / "student.pt", weights_only=True))
-    return evaluate(model, val, device="cpu", num_classes=info["num_classes"])["top1_avg"]
+    history = train(replace(cfg, out=str(out)), info=info, mode=mode, out=out, device=torch.device("cpu"),
+                    cpus=torch.get_num_threads(), save=lambda state, metrics: None, online_teacher=online)
+    curve = [round(h["val_top1_avg"], 2) for h in history]
+    result = {"top1": curve[-1], "curve": curve, "seconds": round(time.perf_counter() - start, 1)}
+    write_json_atomic(done, result)
+    return result
 
 
-def label_agreement(*, urls, views, teacher, mode, min_scale, epochs=3) -> float:
-    """Percent of training labels that equal the live teacher's argmax on the same crop."""
+def label_agreement(*, urls, views, teacher, mode, min_scale, rand_augment=None, random_erasing=0.0,
+                    mixup=False, epochs=2, batch_size=100) -> float:
+    """Percent of training targets whose argmax equals the live teacher's argmax on the same pixels.
+
+    The target is the stored (or global) teacher distribution of each sample, mixed as the
+    training loop mixes it when ``mixup`` is on; the pixels are the batch after every step.
+    """
     agree = total = 0
     for epoch in range(epochs):
         ds = ShardReplay(urls=urls, num_classes=10, num_views=views, teacher_labels=mode, img_size=32,
-                         batch_size=100, steps=12, min_scale=min_scale,
-                         augment=Augment(rand_augment=None, random_erasing=0.0))
+                         batch_size=batch_size, steps=12, min_scale=min_scale, seed=epoch,
+                         augment=Augment(rand_augment=rand_augment, random_erasing=random_erasing, img_size=32))
         ds.set_epoch(epoch)
-        for batch in DataLoader(ds, batch_size=100):
-            agree += int((teacher(batch["image"]).argmax(1) == batch["teacher_hard"]).sum())
-            total += len(batch["label"])
+        mix = MixupCutmix(10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, seed=epoch) if mixup else None
+        for batch in DataLoader(ds, batch_size=batch_size):
+            if mix is not None:
+                batch = mix(batch)
+            with torch.no_grad():
+                live = teacher(batch["image"]).argmax(1)
+            agree += int((live == batch["teacher"].argmax(1)).sum())
+            total += len(live)
     return 100.0 * agree / total
+
+
+def _diff(a: list[float], b: list[float]) -> dict:
+    """Mean of a - b and its standard error, paired by seed and unpaired (Welch)."""
+    n = len(a)
+    diffs = [x - y for x, y in zip(a, b)]
+    paired = statistics.stdev(diffs) / math.sqrt(n) if n > 1 else float("nan")
+    welch = math.sqrt(statistics.variance(a) / n + statistics.variance(b) / n) if n > 1 else float("nan")
+    return {"mean": statistics.mean(diffs), "se_paired": paired, "se_unpaired": welch}
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per row: scores, mean, sd, mean curve, and its differences from no distillation and the live teacher."""
+    table = {}
+    for name, runs in results.items():
+        scores = [r["top1"] for r in runs]
+        epochs = min(len(r["curve"]) for r in runs)
+        row = {"scores": scores, "mean": statistics.mean(scores),
+               "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+               "curve": [round(statistics.mean(r["curve"][e] for r in runs), 2) for e in range(epochs)]}
+        live = f"{LIVE}, {name.rsplit(', ', 1)[-1]}" if name != NONE else None
+        for key, other in (("vs_none", NONE), ("vs_live", live)):
+            if other and other != name and other in results and len(results[other]) == len(runs):
+                row[key] = _diff(scores, [r["top1"] for r in results[other]])
+        table[name] = row
+    return table
+
+
+def markdown(table: dict[str, dict], seeds: list[int]) -> str:
+    """The table as BENCHMARKS.md shows it."""
+    diffs = " | − none (SE paired / unpaired) | − live (SE paired / unpaired) |"
+    lines = ["| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd" + diffs,
+             "|" + "---|" * (len(seeds) + 4)]
+    for name, row in table.items():
+        cells = [f"{v:.2f}" for v in row["scores"]]
+        diffs = [f"{row[k]['mean']:+.2f} ({row[k]['se_paired']:.2f} / {row[k]['se_unpaired']:.2f})" if k in row
+                 else "" for k in ("vs_none", "vs_live")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean']:.2f} ± {row['sd']:.2f} | "
+                     + " | ".join(diffs) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="fidelity-out")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=25)
-    parser.add_argument("--teacher-epochs", type=int, default=10)
+    parser.add_argument("--data", default="cluttered-digits", choices=tuple(DEMO_DEFAULTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's)")
+    parser.add_argument("--teacher-epochs", type=int, default=None, help="default: the demo's")
     parser.add_argument("--rows", nargs="+", default=None, help="subset of row names")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--summary", action="store_true", help="only print the table of the finished students")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.seeds, args.epochs, args.teacher_epochs = [0], 1, 1
-    torch.set_num_threads(torch.get_num_threads())
-    demo = DemoConfig(out=args.out, teacher_epochs=args.teacher_epochs, student_epochs=args.epochs, progress=False)
+        args.seeds, args.epochs, args.teacher_epochs = [0, 1], 1, 1
+    torch.set_num_threads(args.threads)
+    demo = DemoConfig(out=args.out, data=args.data, teacher_epochs=args.teacher_epochs, student_epochs=args.epochs,
+                      progress=False)
     out = Path(args.out)
-    data = digits_image_folder(out / "data", image_size=32, seed=0)
+    _check_same_data(out, demo.data)  # every stage below resumes: one data set per output directory
+    data = digits_image_folder(out / "data", image_size=demo.image_size, seed=0, kind=demo.data)
     teacher = _teacher(demo, data / "train", data / "val", out / "teacher" / "teacher.pt")
-    label_teacher(LabelConfig(data=str(data / "train"), out=str(out / "shards"), teacher=demo.teacher,
-                              teacher_weights=teacher["weights"], views=demo.views, min_scale=demo.min_scale,
-                              shard_size=300, device="cpu", progress=False))
+    if not (out / "shards" / "manifest.json").exists():
+        label_teacher(LabelConfig(data=str(data / "train"), out=str(out / "shards"), teacher=demo.teacher,
+                                  teacher_weights=teacher["weights"], views=demo.views, min_scale=demo.min_scale,
+                                  shard_size=300, device="cpu", progress=False))
     urls = expand_urls(str(out / "shards"))
     info = {"urls": urls, "num_classes": 10, "views": demo.views, "samples": 1200}
-    items, _ = eval_items(str(data / "val"))
-    val = DataLoader(EvalImages(items, img_size=32, crop_pct=1.0), batch_size=256)
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "teacher": demo.teacher,
-                      "teacher_top1": round(100 * teacher["val_top1"], 2), "epochs": args.epochs,
-                      "seeds": args.seeds, "views": demo.views, "min_scale": demo.min_scale}), flush=True)
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": demo.data,
+                      "teacher": demo.teacher, "teacher_top1": round(100 * teacher["val_top1"], 2),
+                      "epochs": demo.student_epochs, "seeds": args.seeds, "views": demo.views,
+                      "min_scale": demo.min_scale, "patch_size": demo.patch_size}), flush=True)
     base = student_config(demo, shards=out / "shards", out=out / "unused", val=data / "val", distillation="hard")
     live_cfg = replace(base, online_teacher=demo.teacher, teacher_weights=teacher["weights"])
     live = online_teacher_fn(live_cfg, 10, torch.device("cpu"))
-    for mode in ("global", "views"):
-        pct = label_agreement(urls=urls, views=demo.views, teacher=live, mode=mode, min_scale=demo.min_scale)
-        print(json.dumps({"measure": "training label == live teacher on the same crop", "labels": mode,
-                          "agree_pct": round(pct, 2)}), flush=True)
-    table = {}
+    agreement = out / "agreement.json"
+    if not args.summary and not agreement.exists():
+        found = [{"labels": mode, "input": name, "agree_pct": round(label_agreement(
+            urls=urls, views=demo.views, teacher=live, mode=mode, min_scale=demo.min_scale, rand_augment=ra,
+            random_erasing=erase, mixup=mix), 2)} for mode in ("views", "global") for name, ra, erase, mix in INPUTS]
+        write_json_atomic(agreement, found)
+    for line in json.loads(agreement.read_text()) if agreement.exists() else []:
+        print(json.dumps({"measure": "training target == live teacher on the same pixels", **line}), flush=True)
+    results: dict[str, list[dict]] = {}
     for name, distillation, labels, online in ROWS:
         if args.rows and name not in args.rows:
             continue
-        scores = []
+        runs = []
         for seed in args.seeds:
-            cfg = replace(base, distillation=distillation, teacher_labels=labels if distillation != "none" else None,
-                          seed=seed)
-            start = time.perf_counter()
-            scores.append(train_one(cfg, info=info, val=val, online=live if online else None,
-                                    out=out / "students" / f"{name.replace(' ', '-').replace(',', '')}-{seed}"))
-            print(json.dumps({"row": name, "seed": seed, "top1": round(scores[-1], 2),
-                              "seconds": round(time.perf_counter() - start, 1)}), flush=True)
-        sd = statistics.stdev(scores) if len(scores) > 1 else 0.0
-        table[name] = {"scores": scores, "mean": statistics.mean(scores), "sd": sd}
-        print(json.dumps({"row": name, "mean": round(table[name]["mean"], 2), "sd": round(sd, 2)}), flush=True)
-    (out / "fidelity.json").write_text(json.dumps(table, indent=2))
+            folder = out / "students" / f"{name.replace(' ', '-').replace(',', '')}-{seed}"
+            if args.summary:
+                if (folder / "result.json").exists():
+                    runs.append(json.loads((folder / "result.json").read_text()))
+                continue
+            cfg = replace(base, distillation=distillation, seed=seed,
+                          teacher_labels=labels if distillation != "none" else None)
+            runs.append(train_one(cfg, info=info, online=live if online else None, out=folder))
+            print(json.dumps({"row": name, "seed": seed, **runs[-1]}), flush=True)
+        if len(runs) == len(args.seeds):
+            results[name] = runs
+    table = summarise(results)
+    for name, row in table.items():
+        print(json.dumps({"row": name, **row}), flush=True)
+    print(markdown(table, args.seeds))
+    write_json_atomic(out / "fidelity.json", {"config": {**vars(args), **{k: getattr(demo, k) for k in (
+        "data", "teacher", "teacher_epochs", "student_epochs", "views", "min_scale", "patch_size")}},
+        "teacher_top1": 100 * teacher["val_top1"], "table": table})
 
 
 if __name__ == "__main__":

@@ -95,7 +95,8 @@ def train_student_cmd(**options) -> None:
 
 @main.command("evaluate")
 @click.option("--checkpoint", required=True, help="student.pt, a run directory, or a DeiT checkpoint file (local or s3://).")
-@click.option("--data", default="digits:val", show_default=True, help="ImageFolder, label-teacher shards, or 'digits:val'.")
+@click.option("--data", default="digits:val", show_default=True,
+              help="ImageFolder, label-teacher shards, 'digits:val' or 'cluttered-digits:val'.")
 @config_options(TrainConfig, only=MODEL_FIELDS, defaults={"model": None}, helps={
     "model": "Student variant: deit_{tiny,small,base}[_distilled]_patch16_{224,384} (default: the run's "
              "config.json, else deit_tiny_distilled_patch16_224)."})
@@ -141,7 +142,7 @@ def train_teacher_cmd(**options) -> None:
 @main.command("demo")
 @config_options(DemoConfig)
 def demo_cmd(**options) -> None:
-    """The whole pipeline on scikit-learn's digits: teacher, labels, two students, table."""
+    """The whole pipeline on embedded digits (cluttered by default): teacher, labels, two students, table."""
     from deitpipe.pipeline.demo import format_results, run_demo
 
     results = run_demo(DemoConfig(**options))

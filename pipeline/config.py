@@ -18,8 +18,9 @@ _LABEL_RUNTIME_FIELDS = frozenset({"out", "batch_size", "ray_address", "strict",
 class LabelConfig:
     """What ``deitpipe label-teacher`` does; each field's help text says what it means."""
 
-    data: str = option("digits", "Input: 'digits' (embedded), 'digits:train', an ImageFolder directory, or "
-                       "WebDataset tars as a brace pattern (local, pipe: or s3://).")
+    data: str = option("digits", "Input: 'digits' or 'cluttered-digits' (embedded; ':train' / ':val' for a "
+                       "split), an ImageFolder directory, or WebDataset tars as a brace pattern (local, pipe: or "
+                       "s3://).")
     out: str = option("shards-out", "Output directory for shards and manifest.json (local, or s3://bucket/prefix).")
     teacher: str = option("regnet_y_16gf", "torchvision classification model name.")
     teacher_weights: str | None = option(None, "Local weights file (state dict or checkpoint); default: "
@@ -34,7 +35,7 @@ class LabelConfig:
     shard_size: int = option(1000, "Samples per shard.", low=1)
     batch_size: int = option(64, "Views per teacher forward pass.", low=1)
     seed: int = option(0, "Seed of the view boxes.")
-    image_size: int = option(32, "Size digits are scaled to.", low=8)
+    image_size: int = option(32, "Size embedded digits are rendered at.", low=8)
     resize: int | None = option(None, "Override the teacher's resize (short side).", low=1)
     crop: int | None = option(None, "Override the teacher's input (crop) size.", low=1)
     interpolation: str | None = option(None, "Override the teacher's interpolation.",
@@ -61,20 +62,45 @@ class LabelConfig:
         return {k: v for k, v in asdict(self).items() if k not in _LABEL_RUNTIME_FIELDS}
 
 
+# The demo's settings per embedded data set, for the options left unset (None).
+# teacher_min_scale: the teacher's smallest training crop (None: train-teacher's default, 0.25 at
+# 32 px); on cluttered digits a quarter of the canvas often misses the digit.
+DEMO_DEFAULTS = {
+    "cluttered-digits": {"teacher_epochs": 15, "student_epochs": 20, "views": 16, "min_scale": 0.35, "patch_size": 8,
+                         "teacher_min_scale": 0.5},
+    "digits": {"teacher_epochs": 10, "student_epochs": 20, "views": 16, "min_scale": 0.35, "patch_size": 4,
+               "teacher_min_scale": None},
+}
+
+
+def _demo_default(field: str) -> str:
+    return ", ".join(f"{v[field]:g} on {k}" for k, v in DEMO_DEFAULTS.items())
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """What ``deitpipe demo`` does; defaults finish within about ten minutes on two CPU cores."""
 
     out: str = option("demo-out", "Directory for every stage's output.")
+    data: str = option("cluttered-digits", "Embedded data set: 'cluttered-digits' (each digit at a random place "
+                       "on a 32 px canvas of fragments of others) or 'digits' (the digit alone).",
+                       choices=tuple(DEMO_DEFAULTS))
     seed: int = option(0, "Seed of split, teacher, views and students.")
-    image_size: int = 32  # digits are scaled to this size (library-only)
+    image_size: int = 32  # images are rendered at this size (library-only)
     teacher: str = option("resnet18", "torchvision model trained as the teacher.")
-    teacher_epochs: int = option(10, "Teacher epochs.", low=1)
-    student_epochs: int = option(20, "Epochs of each student.", low=1)
-    views: int = option(16, "Stored views per image.", low=1)
-    min_scale: float = option(0.35, "Smallest view area (fraction); the DeiT default 0.08 leaves a 32 px digit "
-                              "a few pixels.", low=0, high=1, open_low=True)
+    teacher_epochs: int | None = option(None, f"Teacher epochs (default {_demo_default('teacher_epochs')}).", low=1)
+    student_epochs: int | None = option(None, f"Epochs of each student (default {_demo_default('student_epochs')}).",
+                                        low=1)
+    views: int | None = option(None, f"Stored views per image (default {_demo_default('views')}).", low=1)
+    min_scale: float | None = option(None, f"Smallest view area, as a fraction (default {_demo_default('min_scale')}"
+                                     "); the DeiT default 0.08 leaves a 32 px image a few pixels.", low=0, high=1,
+                                     open_low=True)
+    patch_size: int | None = None  # the student's patch side in px (library-only; default per data set)
+    teacher_min_scale: float | None = None  # the teacher's smallest crop area (library-only; default per data set)
     progress: bool = option(True, "No progress bars.", flag="--no-progress")
 
     def __post_init__(self) -> None:
         check_options(self)
+        for name, value in DEMO_DEFAULTS[self.data].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)

@@ -1,6 +1,10 @@
-"""``deitpipe demo``: the whole pipeline on scikit-learn's digits, with nothing to download.
+"""``deitpipe demo``: the whole pipeline on an embedded data set, with nothing to download.
 
-1. split digits into train and held-out ImageFolder trees (fixed seed);
+The data set is cluttered digits by default (:mod:`deitpipe.shards.cluttered`: scikit-learn's
+digits at random places on a canvas of fragments, where a convnet teacher has an edge a small ViT
+lacks), or the plain digits (``--data digits``).
+
+1. split the data set into train and held-out ImageFolder trees (fixed seed);
 2. train the convnet teacher on the train split;
 3. label the train split with views (label-teacher, local Ray);
 4. train two students from the same shards in this process (the local launcher): no
@@ -29,10 +33,10 @@ from deitpipe.teacher.train import TeacherTrainConfig, train_teacher
 
 
 def student_config(demo: DemoConfig, *, shards: Path, out: Path, val: Path, distillation: str) -> TrainConfig:
-    """The demo's student: a 4-block ViT for 32 px digits, DeiT recipe scaled to 1,200 images."""
+    """The demo's student: a 4-block ViT for 32 px images, DeiT recipe scaled to 1,200 images."""
     return TrainConfig(
         shards=str(shards), out=str(out), val=str(val), model="deit_tiny_distilled_patch16_224",
-        img_size=demo.image_size, patch_size=4, embed_dim=96, depth=4, num_heads=3,
+        img_size=demo.image_size, patch_size=demo.patch_size, embed_dim=96, depth=4, num_heads=3,
         # lr is per 512 images (scaled by the batch): 2e-3 at batch 32.
         epochs=demo.student_epochs, batch_size=32, lr=0.032, warmup_epochs=min(2.0, demo.student_epochs / 4),
         min_lr=1e-5, drop_path=0.0, min_scale=demo.min_scale,
@@ -47,7 +51,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns what results.json holds."""
     start = time.perf_counter()
     out = Path(absolute_spec(config.out))  # every stage and worker sees the same directory
-    data = digits_image_folder(out / "data", image_size=config.image_size, seed=config.seed)
+    _check_same_data(out, config.data)
+    data = digits_image_folder(out / "data", image_size=config.image_size, seed=config.seed, kind=config.data)
     train_dir, val_dir = data / "train", data / "val"
     timings: dict[str, float] = {}
     with ray_session(None):  # one local Ray for every stage
@@ -82,6 +87,17 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     return results
 
 
+def _check_same_data(out: Path, data: str) -> None:
+    """A rerun resumes every stage, so an output directory holds the demo of one data set only."""
+    import json
+
+    marker = out / "data" / ".digits-folder.json"
+    if marker.exists():
+        held = json.loads(marker.read_text()).get("kind", "digits")
+        if held != data:
+            raise ValueError(f"{out} holds a demo run on {held}; remove it or pass another --out to run on {data}")
+
+
 def _teacher(config: DemoConfig, train_dir: Path, val_dir: Path, weights: Path) -> dict[str, Any]:
     """Train the teacher, or reuse a finished one from an earlier run of the demo."""
     import json
@@ -93,7 +109,8 @@ def _teacher(config: DemoConfig, train_dir: Path, val_dir: Path, weights: Path) 
     result = train_teacher(TeacherTrainConfig(
         data=str(train_dir), out=str(weights), teacher=config.teacher, epochs=config.teacher_epochs,
         optimizer="adamw",  # on 32 px digits AdamW converges in a few epochs where SGD stalls
-        img_size=config.image_size, val=str(val_dir), seed=config.seed, progress=config.progress))
+        img_size=config.image_size, min_scale=config.teacher_min_scale, val=str(val_dir), seed=config.seed,
+        progress=config.progress))
     keep = {k: v for k, v in result.items() if k in ("weights", "sidecar", "train_top1", "val_top1", "epochs",
                                                       "seconds")}
     write_json_atomic(summary, keep)
@@ -108,7 +125,8 @@ def format_results(results: dict[str, Any]) -> str:
         rows.append((f"student ({'no distillation' if name == 'none' else 'hard, stored views'})",
                      e["top1_avg"], e["top1_cls"], e["top1_dist"]))
     n = results["held_out_images"]
-    lines = [f"held-out top-1 on {n} digits (one image = {100 / n:.2f} points)",
+    data = results["config"].get("data", "digits")
+    lines = [f"held-out top-1 on {n} images of {data} (one image = {100 / n:.2f} points)",
              f"{'model':<36} {'average':>8} {'class':>8} {'dist':>8}"]
     for name, avg, cls, dist in rows:
         cells = [f"{v:>8.2f}" if v is not None else f"{'':>8}" for v in (avg, cls, dist)]

@@ -1,4 +1,4 @@
-"""Inputs for stage one: an ImageFolder tree, scikit-learn's digits, or existing WebDataset tars.
+"""Inputs for stage one: an ImageFolder tree, scikit-learn's digits (plain or cluttered), or WebDataset tars.
 
 Every source yields :class:`Candidate` records in a deterministic, sorted order; the planner
 numbers them 0..n-1 in that order. Whether a candidate is really an image is decided later, by
@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from deitpipe.shards import reader, storage
+from deitpipe.shards.cluttered import CANVAS, render_cluttered, upscale_all
 from deitpipe.shards.specs import is_tar_spec
 
 # Files whose name says they are not images; anything else (including no extension and image
@@ -37,6 +38,8 @@ NON_IMAGE_EXTENSIONS = frozenset(
 # Member extensions taken as the image of a WebDataset sample, in order of preference.
 TAR_IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm", "pbm")
 DIGITS_COUNT = 1797
+# The embedded data sets by name: each has the whole set, ":train" and ":val" (digits_split).
+DIGIT_SETS = ("digits", "cluttered-digits")
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,11 @@ class Candidate:
         path: Display path or URI, stored in the sample's metadata.
         label: True class index.
         kind: "file" (read ``ref`` from disk), "digits" (render digit ``ref`` at ``size``),
+            "cluttered-digits" (render the cluttered canvas of digit ``ref`` at ``size``),
             "tarmember" (``length`` bytes at ``offset`` of the local tar ``ref``) or "tar"
             (bytes carried in ``data``, for tars read through a stream).
         ref: Filesystem path, digit index, tar path, or ``url#key``.
-        size: Render size for digits; 0 otherwise.
+        size: Render size for (cluttered) digits; 0 otherwise.
         data: In-memory bytes for streamed tar candidates.
         offset, length: Where a "tarmember" image lies in its tar.
     """
@@ -196,24 +200,52 @@ def render_digit(index: int, *, image_size: int = 32) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=1)
+def _upscaled_digits() -> np.ndarray:
+    return upscale_all(_digits()[0])
+
+
+def render_cluttered_digit(index: int, *, image_size: int = CANVAS) -> bytes:
+    """PNG bytes of cluttered digit ``index`` (:mod:`deitpipe.shards.cluttered`), resized when
+    ``image_size`` is not the canvas side (bicubic), RGB."""
+    data = render_cluttered(_upscaled_digits(), index)
+    if image_size == CANVAS:
+        return data
+    img = Image.open(io.BytesIO(data)).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def render_named(kind: str, index: int, *, image_size: int) -> bytes:
+    """PNG bytes of image ``index`` of the embedded set ``kind`` ("digits" or "cluttered-digits")."""
+    if kind == "cluttered-digits":
+        return render_cluttered_digit(index, image_size=image_size)
+    return render_digit(index, image_size=image_size)
+
+
 def digits_source(
-    *, image_size: int = 32, indices: np.ndarray | None = None
+    *, image_size: int = 32, indices: np.ndarray | None = None, kind: str = "digits"
 ) -> tuple[list[Candidate], list[str]]:
     """scikit-learn's 1,797 8x8 digits as candidates rendered at ``image_size``.
 
     Args:
         image_size: Side of the rendered PNGs.
         indices: Subset of digit indices (e.g. one side of :func:`digits_split`); all by default.
+        kind: "digits" (the digit alone, scaled to fill the image) or "cluttered-digits" (the
+            digit at a random place on a canvas of fragments, :mod:`deitpipe.shards.cluttered`).
 
     Returns:
-        ``(candidates, class_names)``; paths are ``digits/000123`` (the digit's index).
+        ``(candidates, class_names)``; paths are ``<kind>/000123`` (the digit's index).
     """
     if image_size < 8:
         raise ValueError(f"digits image_size must be >= 8, got {image_size}")
+    if kind not in DIGIT_SETS:
+        raise ValueError(f"digits kind must be one of {', '.join(DIGIT_SETS)}, got {kind!r}")
     _, target = _digits()
     idx = np.arange(len(target)) if indices is None else np.sort(np.asarray(indices))
     cands = [
-        Candidate(path=f"digits/{i:06d}", label=int(target[i]), kind="digits", ref=str(i), size=image_size)
+        Candidate(path=f"{kind}/{i:06d}", label=int(target[i]), kind=kind, ref=str(i), size=image_size)
         for i in idx
     ]
     return cands, [str(c) for c in range(10)]
@@ -237,7 +269,9 @@ def digits_split(*, seed: int = 0, holdout: int = 597) -> tuple[np.ndarray, np.n
     return np.sort(train), np.sort(held)
 
 
-def digits_image_folder(out_dir: str | os.PathLike, *, image_size: int = 32, seed: int = 0) -> Path:
+def digits_image_folder(
+    out_dir: str | os.PathLike, *, image_size: int = 32, seed: int = 0, kind: str = "digits"
+) -> Path:
     """Write the digits split as ImageFolder trees ``out_dir/train/<0..9>`` and ``out_dir/val/<0..9>``.
 
     Built in a temporary folder and moved into place; a marker file records a complete build,
@@ -247,13 +281,18 @@ def digits_image_folder(out_dir: str | os.PathLike, *, image_size: int = 32, see
         out_dir: Destination directory.
         image_size: Side of the rendered PNGs.
         seed: Split seed (:func:`digits_split`).
+        kind: "digits" or "cluttered-digits" (:func:`digits_source`).
 
     Returns:
         ``out_dir``.
     """
+    if kind not in DIGIT_SETS:
+        raise ValueError(f"digits kind must be one of {', '.join(DIGIT_SETS)}, got {kind!r}")
     out = Path(out_dir)
     marker = out / ".digits-folder.json"
     settings = {"image_size": image_size, "seed": seed, "count": DIGITS_COUNT}
+    if kind != "digits":
+        settings["kind"] = kind  # a plain digits folder keeps the marker earlier versions wrote
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return out
     clash = [p for p in (out / "train", out / "val") if p.exists()]
@@ -267,7 +306,7 @@ def digits_image_folder(out_dir: str | os.PathLike, *, image_size: int = 32, see
             for i in indices:
                 d = tmp / split / str(int(target[i]))
                 d.mkdir(parents=True, exist_ok=True)
-                (d / f"{i:06d}.png").write_bytes(render_digit(int(i), image_size=image_size))
+                (d / f"{i:06d}.png").write_bytes(render_named(kind, int(i), image_size=image_size))
         marker.unlink(missing_ok=True)
         for split in ("train", "val"):
             shutil.rmtree(out / split, ignore_errors=True)  # only a stale build of ours (marker checked)
@@ -422,8 +461,8 @@ def read_bytes(candidate: Candidate) -> bytes:
     if candidate.kind == "file":
         with open(candidate.ref, "rb") as f:
             return f.read()
-    if candidate.kind == "digits":
-        return render_digit(int(candidate.ref), image_size=candidate.size)
+    if candidate.kind in DIGIT_SETS:
+        return render_named(candidate.kind, int(candidate.ref), image_size=candidate.size)
     if candidate.kind == "tarmember" and storage.is_object_uri(candidate.ref):
         return storage.read_range(candidate.ref, candidate.offset, candidate.length)
     if candidate.kind == "tarmember":
@@ -442,20 +481,22 @@ def resolve_source(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
     """Resolve an input specification.
 
     Args:
-        spec: ``digits`` (all 1,797), ``digits:train`` / ``digits:val`` (:func:`digits_split`), an
-            ImageFolder directory, or WebDataset tars (brace pattern, ``.tar``, ``pipe:``, ``s3://``).
-        image_size: Render size for digits.
-        seed: Split seed for ``digits:train`` / ``digits:val``.
+        spec: ``digits`` (all 1,797), ``digits:train`` / ``digits:val`` (:func:`digits_split`), the
+            same three of ``cluttered-digits``, an ImageFolder directory, or WebDataset tars
+            (brace pattern, ``.tar``, ``pipe:``, ``s3://``).
+        image_size: Render size for (cluttered) digits.
+        seed: Split seed for ``...:train`` / ``...:val``.
 
     Returns:
         A :class:`Source`.
     """
-    if spec in ("digits", "digits:train", "digits:val"):
+    kind, _, part = spec.partition(":")
+    if kind in DIGIT_SETS and part in ("", "train", "val"):
         indices = None
-        if spec != "digits":
+        if part:
             train, val = digits_split(seed=seed)
-            indices = train if spec.endswith("train") else val
-        cands, names = digits_source(image_size=image_size, indices=indices)
+            indices = train if part == "train" else val
+        cands, names = digits_source(image_size=image_size, indices=indices, kind=kind)
         return Source(spec=spec, candidates=cands, class_names=names)
     if os.path.isdir(spec):
         cands, names, ignored = list_image_folder(spec)
@@ -466,6 +507,6 @@ def resolve_source(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
         names = [str(i) for i in range(num_classes)]
         return Source(spec=spec, candidates=cands, class_names=names, skipped=skipped)
     raise ValueError(
-        f"input {spec!r} is not 'digits', an existing directory, or WebDataset tars "
+        f"input {spec!r} is not 'digits', 'cluttered-digits', an existing directory, or WebDataset tars "
         "(a .tar path, a {000..009} brace pattern, pipe:CMD or s3://URL)"
     )

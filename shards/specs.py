@@ -7,7 +7,7 @@ import os
 from deitpipe.shards.schema import MANIFEST_NAME
 
 # Inputs named by the data set rather than by a path.
-NAMED_DATA = frozenset({"digits", "digits:train", "digits:val"})
+NAMED_DATA = frozenset(f"{name}{part}" for name in ("digits", "cluttered-digits") for part in ("", ":train", ":val"))
 
 
 def is_remote(path: str | os.PathLike) -> bool:

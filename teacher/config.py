@@ -26,7 +26,8 @@ SGD_MOMENTUM = 0.9  # with Nesterov
 class TeacherTrainConfig:
     """Options of ``deitpipe train-teacher``; None means "derived from the other options"."""
 
-    data: str = option("digits:train", "Training data: ImageFolder, WebDataset tars, 'digits' or 'digits:train'.")
+    data: str = option("digits:train", "Training data: ImageFolder, WebDataset tars, or an embedded set "
+                       "('digits', 'digits:train', 'cluttered-digits', 'cluttered-digits:train').")
     out: str = option("teacher.pt", "Weights file to write; its JSON sidecar (preprocessing, classes) goes beside it.")
     teacher: str = option("regnet_y_400mf", "torchvision classification model name.")
     teacher_weights: str | None = option(None, "Start from these weights (fine-tune); the head is replaced when the "
@@ -46,8 +47,8 @@ class TeacherTrainConfig:
                                 "else img-size/0.875).")
     min_scale: float | None = option(None, f"RandomResizedCrop lower area bound (default 0.25 below {LARGE_INPUT} px, "
                                      "else 0.08).")
-    val: str | None = option(None, "Held-out data evaluated each epoch, e.g. 'digits:val'.")
-    image_size: int = option(32, "Size digits are scaled to.")
+    val: str | None = option(None, "Held-out data evaluated each epoch, e.g. 'digits:val' or 'cluttered-digits:val'.")
+    image_size: int = option(32, "Size embedded digits are rendered at.")
     num_workers: int = option(0, "DataLoader processes (0 is fastest for small in-memory images).")
     device: str = option("auto", "auto, cpu or cuda[:N].")
     seed: int = option(0, "Seed of initialisation, data order and augmentation.")

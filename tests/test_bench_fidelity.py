@@ -1,0 +1,55 @@
+"""bench/fidelity.py's statistics: differences, their standard errors, the markdown table."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "fidelity.py"
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    spec = importlib.util.spec_from_file_location("bench_fidelity", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def runs(scores, epochs=3):
+    return [{"top1": s, "curve": [s - 2 * (epochs - 1 - e) for e in range(epochs)], "seconds": 1.0} for s in scores]
+
+
+def test_differences_are_paired_by_seed_and_unpaired(fidelity):
+    a, b = [60.0, 62.0, 58.0, 61.0, 59.0], [50.0, 53.0, 47.0, 52.0, 48.0]
+    d = fidelity._diff(a, b)
+    diffs = [x - y for x, y in zip(a, b)]
+    assert d["mean"] == pytest.approx(10.0)
+    assert d["se_paired"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(5))
+    assert d["se_unpaired"] == pytest.approx(math.sqrt((statistics.variance(a) + statistics.variance(b)) / 5))
+    assert d["se_paired"] < d["se_unpaired"]  # seeds move both rows together here
+
+
+def test_each_row_is_compared_with_none_and_the_live_teacher_of_its_kind(fidelity):
+    results = {"no distillation": runs([50, 52, 48]), "stored views, hard": runs([60, 61, 59]),
+               "stored views, soft": runs([55, 56, 57]), "live teacher, hard": runs([62, 60, 61]),
+               "live teacher, soft": runs([58, 58, 58])}
+    table = fidelity.summarise(results)
+    assert "vs_none" not in table["no distillation"] and "vs_live" not in table["no distillation"]
+    assert table["stored views, hard"]["vs_none"]["mean"] == pytest.approx(10.0)
+    assert table["stored views, hard"]["vs_live"]["mean"] == pytest.approx(-1.0)
+    assert table["stored views, soft"]["vs_live"]["mean"] == pytest.approx(-2.0)
+    assert "vs_live" not in table["live teacher, hard"]
+    assert table["no distillation"]["curve"] == [46.0, 48.0, 50.0]  # mean over seeds, per epoch
+    text = fidelity.markdown(table, [0, 1, 2])
+    assert text.count("\n") == len(results) + 1
+    assert "| stored views, hard | 60.00 | 61.00 | 59.00 | 60.00 ± 1.00 | +10.00 (" in text
+
+
+def test_a_row_missing_seeds_gets_no_difference(fidelity):
+    table = fidelity.summarise({"no distillation": runs([50, 52]), "stored views, hard": runs([60, 61, 59])})
+    assert "vs_none" not in table["stored views, hard"]

@@ -1,0 +1,47 @@
+"""The demo's settings per data set, its guard against mixing data sets in one output, its table."""
+
+import json
+
+import pytest
+
+from deitpipe.pipeline.config import DEMO_DEFAULTS, DemoConfig
+from deitpipe.pipeline.demo import _check_same_data, format_results, student_config
+from deitpipe.shards.sources import digits_image_folder
+
+
+def test_demo_runs_on_cluttered_digits_by_default_with_its_settings():
+    config = DemoConfig()
+    assert config.data == "cluttered-digits"
+    for name, value in DEMO_DEFAULTS["cluttered-digits"].items():
+        assert getattr(config, name) == value
+
+
+def test_plain_digits_stay_available_with_their_own_settings_and_overrides_win():
+    config = DemoConfig(data="digits", student_epochs=3)
+    assert config.student_epochs == 3
+    assert config.teacher_epochs == DEMO_DEFAULTS["digits"]["teacher_epochs"]
+    assert config.patch_size == DEMO_DEFAULTS["digits"]["patch_size"]
+    with pytest.raises(ValueError, match="--data must be one of"):
+        DemoConfig(data="mnist")
+
+
+def test_student_follows_the_data_sets_patch_size(tmp_path):
+    for data in DEMO_DEFAULTS:
+        cfg = student_config(DemoConfig(data=data), shards=tmp_path, out=tmp_path, val=tmp_path, distillation="hard")
+        assert cfg.patch_size == DEMO_DEFAULTS[data]["patch_size"] and cfg.teacher_labels == "views"
+        assert cfg.epochs == DEMO_DEFAULTS[data]["student_epochs"]
+
+
+def test_an_output_of_one_data_set_is_not_resumed_as_another(tmp_path):
+    digits_image_folder(tmp_path / "data", image_size=8, kind="digits")
+    _check_same_data(tmp_path, "digits")  # the same data set: resumes
+    with pytest.raises(ValueError, match="holds a demo run on digits"):
+        _check_same_data(tmp_path, "cluttered-digits")
+    _check_same_data(tmp_path / "fresh", "cluttered-digits")  # nothing there yet
+
+
+def test_table_names_the_data_set():
+    evals = {name: {"top1_avg": 50.0, "top1_cls": 49.0, "top1_dist": 51.0, "n": 597} for name in ("none", "distilled")}
+    text = format_results({"teacher_top1": 90.0, "students": evals, "held_out_images": 597, "seconds": 1.0,
+                           "stage_seconds": {}, "config": json.loads(json.dumps({"data": "cluttered-digits"}))})
+    assert "597 images of cluttered-digits" in text and "student (hard, stored views)" in text
