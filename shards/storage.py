@@ -264,11 +264,11 @@ def remove(uri: str | os.PathLike) -> None:
 
 
 def remove_tree(uri: str | os.PathLike) -> None:
-    """Remove a directory or prefix with everything under it."""
+    """Remove an object-storage prefix with everything under it (callers check its marker first;
+    a local directory is removed by its owner's own checks, e.g. ``outdir.remove_ray_storage``)."""
     uri = os.fspath(uri)
     if not is_object_uri(uri):
-        shutil.rmtree(uri)
-        return
+        raise ValueError(f"remove_tree takes an s3:// prefix, not the local path {uri}")
     fs, path = filesystem(uri)
     with _errors(uri):
         fs.delete_dir(path)
