@@ -104,19 +104,7 @@ def temp_leftovers(out: str | Path, names: Iterable[str] | re.Pattern) -> list[s
 def remove_files(paths: Iterable[str | Path]) -> list[str]:
     """Remove the given regular files or objects (never a link's target, never a directory);
     returns their names."""
-    removed = []
-    for path in paths:
-        if storage.is_object_uri(path):
-            if storage.is_file(path):
-                storage.remove(path)
-                removed.append(str(path).rsplit("/", 1)[-1])
-            continue
-        path = Path(path)
-        if path.is_symlink() or not path.is_file():
-            continue
-        path.unlink()
-        removed.append(path.name)
-    return removed
+    return [os.fspath(path).rsplit("/", 1)[-1] for path in paths if storage.remove(path)]
 
 
 def remove_ray_storage(path: str | Path) -> bool:

@@ -250,17 +250,21 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def remove(uri: str | os.PathLike) -> None:
-    """Remove one file or object, if present (never a directory)."""
+def remove(uri: str | os.PathLike) -> bool:
+    """Remove one regular file or object, if present (never a directory, never a link's target);
+    returns whether something was removed."""
     uri = os.fspath(uri)
     if not is_object_uri(uri):
         if os.path.isfile(uri) and not os.path.islink(uri):
             os.unlink(uri)
-        return
+            return True
+        return False
     fs, path = filesystem(uri)
     with _errors(uri):
-        if fs.get_file_info(path).is_file:
-            fs.delete_file(path)
+        if not fs.get_file_info(path).is_file:
+            return False
+        fs.delete_file(path)
+    return True
 
 
 def remove_tree(uri: str | os.PathLike) -> None:
