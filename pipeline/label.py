@@ -171,6 +171,16 @@ def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int,
 
 
 
+def input_source(config: LabelConfig) -> Source:
+    """The images ``--data`` names.
+
+    ``digits:train`` and ``digits:val`` (and cluttered-digits') are the fixed split every command
+    reads, whatever ``--seed`` is: the seed moves the view boxes, never an image from the held-out
+    split that train-student's and evaluate's ``--val digits:val`` read into the labelled one.
+    """
+    return resolve_source(config.data, image_size=config.image_size)
+
+
 def label_teacher(config: LabelConfig) -> dict[str, Any]:
     """Run stage one: label ``config.data`` with the teacher into shards under ``config.out``.
 
@@ -185,7 +195,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
     start = time.perf_counter()
     config = config.resolved()  # Ray tasks do not share the driver's working directory
     out = config.out  # a local directory or an s3:// prefix
-    source = resolve_source(config.data, image_size=config.image_size, seed=config.seed)
+    source = input_source(config)
     if not source.candidates:
         raise LabelError(f"--data {config.data}: no candidate images found")
     teacher_kwargs = dict(name=config.teacher, weights_path=config.teacher_weights,

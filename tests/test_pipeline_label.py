@@ -267,3 +267,14 @@ def test_the_batched_replay_path_agrees_with_the_teacher_on_its_views(tmp_path):
             labels.update(batch["teacher_hard"].tolist())
     assert jpegs == total == 64 and agree / total >= 0.995
     assert len(labels) > 1  # the teacher tells views apart: agreement is not one constant answer
+
+
+def test_the_seed_moves_views_never_the_named_split():
+    from deitpipe.pipeline.label import input_source
+    from deitpipe.shards.sources import resolve_source
+
+    held_out = {c.ref for c in resolve_source("digits:val").candidates}  # what --val digits:val reads
+    for data in ("digits:train", "cluttered-digits:train"):
+        refs = [c.ref for c in input_source(LabelConfig(data=data, out="unused", seed=7)).candidates]
+        assert refs == [c.ref for c in input_source(LabelConfig(data=data, out="unused")).candidates]
+        assert len(refs) == 1200 and not held_out & set(refs)
