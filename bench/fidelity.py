@@ -82,8 +82,8 @@ def train_one(cfg, *, info, online, out: Path) -> dict:
     return result
 
 
-def label_agreement(*, urls, views, teacher, mode, min_scale, rand_augment=None, random_erasing=0.0,
-                    mixup=False, epochs=2, batch_size=100) -> float:
+def label_agreement(*, urls, views, teacher, mode, min_scale, img_size, rand_augment=None,
+                    random_erasing=0.0, mixup=False, epochs=2, batch_size=100) -> float:
     """Percent of training targets whose argmax equals the live teacher's argmax on the same pixels.
 
     The target is the stored (or global) teacher distribution of each sample, mixed as the
@@ -91,9 +91,9 @@ def label_agreement(*, urls, views, teacher, mode, min_scale, rand_augment=None,
     """
     agree = total = 0
     for epoch in range(epochs):
-        ds = ShardReplay(urls=urls, num_classes=10, num_views=views, teacher_labels=mode, img_size=32,
-                         batch_size=batch_size, steps=12, min_scale=min_scale, seed=epoch,
-                         augment=Augment(rand_augment=rand_augment, random_erasing=random_erasing, img_size=32))
+        augment = Augment(rand_augment=rand_augment, random_erasing=random_erasing, img_size=img_size)
+        ds = ShardReplay(urls=urls, num_classes=10, num_views=views, teacher_labels=mode, img_size=img_size,
+                         batch_size=batch_size, steps=12, min_scale=min_scale, seed=epoch, augment=augment)
         ds.set_epoch(epoch)
         mix = MixupCutmix(10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, seed=epoch) if mixup else None
         for batch in DataLoader(ds, batch_size=batch_size):
@@ -146,6 +146,16 @@ def markdown(table: dict[str, dict], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def curves_markdown(table: dict[str, dict], points: int = 10) -> str:
+    """Each row's mean held-out top-1 after about ``points`` evenly spaced epochs (the last included)."""
+    epochs = min(len(row["curve"]) for row in table.values())
+    picks = sorted({round(epochs * (i + 1) / points) for i in range(points)} - {0})
+    lines = ["| student | " + " | ".join(f"ep {e}" for e in picks) + " |", "|" + "---|" * (len(picks) + 1)]
+    lines += [f"| {name} | " + " | ".join(f"{row['curve'][e - 1]:.1f}" for e in picks) + " |"
+              for name, row in table.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="fidelity-out")
@@ -176,15 +186,17 @@ def main() -> None:
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": demo.data,
                       "teacher": demo.teacher, "teacher_top1": round(100 * teacher["val_top1"], 2),
                       "epochs": demo.student_epochs, "seeds": args.seeds, "views": demo.views,
-                      "min_scale": demo.min_scale, "patch_size": demo.patch_size}), flush=True)
+                      "min_scale": demo.min_scale, "img_size": demo.img_size, "patch_size": demo.patch_size}),
+          flush=True)
     base = student_config(demo, shards=out / "shards", out=out / "unused", val=data / "val", distillation="hard")
     live_cfg = replace(base, online_teacher=demo.teacher, teacher_weights=teacher["weights"])
     live = online_teacher_fn(live_cfg, 10, torch.device("cpu"))
     agreement = out / "agreement.json"
     if not args.summary and not agreement.exists():
         found = [{"labels": mode, "input": name, "agree_pct": round(label_agreement(
-            urls=urls, views=demo.views, teacher=live, mode=mode, min_scale=demo.min_scale, rand_augment=ra,
-            random_erasing=erase, mixup=mix), 2)} for mode in ("views", "global") for name, ra, erase, mix in INPUTS]
+            urls=urls, views=demo.views, teacher=live, mode=mode, min_scale=demo.min_scale, img_size=demo.img_size,
+            rand_augment=ra, random_erasing=erase, mixup=mix), 2)}
+            for mode in ("views", "global") for name, ra, erase, mix in INPUTS]
         write_json_atomic(agreement, found)
     for line in json.loads(agreement.read_text()) if agreement.exists() else []:
         print(json.dumps({"measure": "training target == live teacher on the same pixels", **line}), flush=True)
@@ -209,8 +221,10 @@ def main() -> None:
     for name, row in table.items():
         print(json.dumps({"row": name, **row}), flush=True)
     print(markdown(table, args.seeds))
+    if table:
+        print(curves_markdown(table))
     write_json_atomic(out / "fidelity.json", {"config": {**vars(args), **{k: getattr(demo, k) for k in (
-        "data", "teacher", "teacher_epochs", "student_epochs", "views", "min_scale", "patch_size")}},
+        "data", "teacher", "teacher_epochs", "student_epochs", "views", "min_scale", "img_size", "patch_size")}},
         "teacher_top1": 100 * teacher["val_top1"], "table": table})
 
 

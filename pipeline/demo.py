@@ -36,7 +36,7 @@ def student_config(demo: DemoConfig, *, shards: Path, out: Path, val: Path, dist
     """The demo's student: a 4-block ViT for 32 px images, DeiT recipe scaled to 1,200 images."""
     return TrainConfig(
         shards=str(shards), out=str(out), val=str(val), model="deit_tiny_distilled_patch16_224",
-        img_size=demo.image_size, patch_size=demo.patch_size, embed_dim=96, depth=4, num_heads=3,
+        img_size=demo.img_size, patch_size=demo.patch_size, embed_dim=96, depth=4, num_heads=3,
         # lr is per 512 images (scaled by the batch): 2e-3 at batch 32.
         epochs=demo.student_epochs, batch_size=32, lr=0.032, warmup_epochs=min(2.0, demo.student_epochs / 4),
         min_lr=1e-5, drop_path=0.0, min_scale=demo.min_scale,
@@ -109,7 +109,7 @@ def _teacher(config: DemoConfig, train_dir: Path, val_dir: Path, weights: Path) 
     result = train_teacher(TeacherTrainConfig(
         data=str(train_dir), out=str(weights), teacher=config.teacher, epochs=config.teacher_epochs,
         optimizer="adamw",  # on 32 px digits AdamW converges in a few epochs where SGD stalls
-        img_size=config.image_size, min_scale=config.teacher_min_scale, val=str(val_dir), seed=config.seed,
+        img_size=config.img_size, min_scale=config.teacher_min_scale, val=str(val_dir), seed=config.seed,
         progress=config.progress))
     keep = {k: v for k, v in result.items() if k in ("weights", "sidecar", "train_top1", "val_top1", "epochs",
                                                       "seconds")}

@@ -53,3 +53,13 @@ def test_each_row_is_compared_with_none_and_the_live_teacher_of_its_kind(fidelit
 def test_a_row_missing_seeds_gets_no_difference(fidelity):
     table = fidelity.summarise({"no distillation": runs([50, 52]), "stored views, hard": runs([60, 61, 59])})
     assert "vs_none" not in table["stored views, hard"]
+
+
+def test_curves_table_samples_the_mean_curve_up_to_the_last_epoch(fidelity):
+    table = fidelity.summarise({"no distillation": runs([50, 52, 48], epochs=20),
+                                "stored views, hard": runs([60, 61, 59], epochs=20)})
+    lines = fidelity.curves_markdown(table, points=4).splitlines()
+    assert lines[0] == "| student | ep 5 | ep 10 | ep 15 | ep 20 |"
+    # the mean curve ends at the row's mean and climbs 2 points an epoch
+    assert lines[2] == "| no distillation | 20.0 | 30.0 | 40.0 | 50.0 |"
+    assert lines[3].endswith("| 60.0 |")

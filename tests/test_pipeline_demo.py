@@ -25,10 +25,12 @@ def test_plain_digits_stay_available_with_their_own_settings_and_overrides_win()
         DemoConfig(data="mnist")
 
 
-def test_student_follows_the_data_sets_patch_size(tmp_path):
+def test_student_follows_the_data_sets_patch_and_input_size(tmp_path):
     for data in DEMO_DEFAULTS:
         cfg = student_config(DemoConfig(data=data), shards=tmp_path, out=tmp_path, val=tmp_path, distillation="hard")
         assert cfg.patch_size == DEMO_DEFAULTS[data]["patch_size"] and cfg.teacher_labels == "views"
+        # the student reads its views at the teacher's input size, so a stored view is its input
+        assert cfg.img_size == DEMO_DEFAULTS[data]["img_size"] and cfg.img_size % cfg.patch_size == 0
         assert cfg.epochs == DEMO_DEFAULTS[data]["student_epochs"]
 
 
