@@ -33,7 +33,7 @@ from deitpipe.teacher.train import TeacherTrainConfig, train_teacher
 
 
 def student_config(demo: DemoConfig, *, shards: Path, out: Path, val: Path, distillation: str) -> TrainConfig:
-    """The demo's student: a 4-block ViT for 32 px images, DeiT recipe scaled to 1,200 images."""
+    """The demo's student: a 4-block ViT at the data set's input size, DeiT recipe scaled to 1,200 images."""
     return TrainConfig(
         shards=str(shards), out=str(out), val=str(val), model="deit_tiny_distilled_patch16_224",
         img_size=demo.img_size, patch_size=demo.patch_size, embed_dim=96, depth=4, num_heads=3,

@@ -170,7 +170,6 @@ def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int,
     return {**writer.record(), "first_index": first_index}
 
 
-
 def input_source(config: LabelConfig) -> Source:
     """The images ``--data`` names.
 
