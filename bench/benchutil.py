@@ -17,6 +17,12 @@ import torch
 from PIL import Image
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def header(**extra: object) -> None:
     """Print the line every benchmark starts with: versions, threads, processor."""
     parts = [f"torch {torch.__version__}", f"{torch.get_num_threads()} threads",

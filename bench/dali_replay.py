@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchutil import emit, header, photo_jpeg
+from benchutil import emit, header, photo_jpeg, sync
 from deitpipe.shards.image import cut_view, decode_image
 from deitpipe.shards.schema import sample_key
 from deitpipe.shards.views import epoch_view_index, random_view_boxes
@@ -320,12 +320,6 @@ def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Mean and largest absolute difference of two uint8 view batches, in intensity levels."""
     diff = (a.cpu().to(torch.int16) - b.cpu().to(torch.int16)).abs()
     return {"mean": diff.float().mean().item(), "max": int(diff.max().item())}
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a clock reading covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(step: Callable[[Any], torch.Tensor], batches: Sequence[Any], *, rounds: int,

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchutil import emit, header, photo_jpeg, write_synthetic_shards
+from benchutil import emit, header, photo_jpeg, sync, write_synthetic_shards
 from deitpipe.shards.reader import iter_samples
 from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.student.gpu_augment import BatchAugment, augment_generator
@@ -49,11 +49,6 @@ def make_shards(out: Path, *, images: int, height: int, width: int, num_classes:
 def replay_args(urls: list[str], args: argparse.Namespace, *, steps: int) -> dict:
     return dict(urls=urls, num_classes=args.classes, num_views=args.views, teacher_labels="views",
                 img_size=args.img_size, batch_size=args.batch, steps=steps, seed=0)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def cpu_path(urls: list[str], args: argparse.Namespace, samples: int) -> dict[str, float]:
