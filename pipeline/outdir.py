@@ -7,19 +7,22 @@ file's name is one deitpipe writes there (exact patterns below). Anything else i
 directory stays, whatever the flags; a non-empty directory without the marker is refused.
 
 An output may be a local directory or an object-storage prefix (``s3://bucket/prefix``); the same
-rules hold for both. Object storage offers no lock: one run at a time per prefix is the user's
-to ensure.
+rules hold for both, and each holds one run at a time (:func:`locked`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
 import shutil
 import socket
+import stat
+import uuid
 from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 from deitpipe.shards import storage
@@ -50,28 +53,44 @@ def check_output_dir(out: str | Path, *, owned: bool, option: str = "--out", wha
 
 
 @contextlib.contextmanager
-def locked(out: Path, *, command: str) -> Iterator[None]:
+def locked(out: str | Path, *, command: str) -> Iterator[None]:
     """Hold an exclusive lock on ``out`` for this process, so two runs never share it.
 
-    The lock is ``out/.deitpipe.lock`` (flock; the kernel releases it when the process dies, so a
-    killed run never leaves it held); it names its holder for the second run's message. An
-    object-storage prefix has no lock (see the module doc).
+    A local directory's lock is ``out/.deitpipe.lock`` (flock; the kernel releases it when the
+    process dies, so a killed run never leaves it held), opened without following a link: a
+    ``.deitpipe.lock`` that is a link, or anything but a regular file, is refused. An
+    object-storage prefix's lock is the object ``prefix/.deitpipe.lock``, created with the
+    store's conditional write so that of two runs exactly one gets it, and deleted when the run
+    ends; a run that died leaves it, and the message says how to clear it. Either lock names its
+    holder for the second run's message.
     """
+    holder = f"{command} (pid {os.getpid()} on {socket.gethostname()}, since " \
+             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')})"
     if storage.is_object_uri(out):
-        yield
+        with _object_lock(os.fspath(out), holder):
+            yield
         return
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    path = out / LOCK_NAME
     try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise OutputError(f"{path} is a symbolic link, which deitpipe did not make; remove the link "
+                              "(its target is left alone) or choose another --out") from None
+        raise OutputError(f"{path}: cannot open the lock ({exc.strerror or exc})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OutputError(f"{path} is not a regular file; remove it or choose another --out")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
-            raise OutputError(f"{out} is in use by {holder}; wait for it to finish or choose another "
+            held = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            raise OutputError(f"{out} is in use by {held}; wait for it to finish or choose another "
                               "--out") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{command} (pid {os.getpid()} on {socket.gethostname()})\n".encode(), 0)
+        os.pwrite(fd, f"{holder}\n".encode(), 0)
         try:
             yield
         finally:
@@ -79,6 +98,26 @@ def locked(out: Path, *, command: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _object_lock(out: str, holder: str) -> Iterator[None]:
+    uri = storage.join(out, LOCK_NAME)
+    token = f"{holder} [{uuid.uuid4().hex}]\n".encode()
+    if not storage.create_exclusive(uri, token):
+        try:
+            held = storage.read_bytes(uri).decode("utf-8", "replace").strip() or "another run"
+        except OSError:
+            held = "another run"
+        raise OutputError(f"{out} is in use by {held}; wait for it to finish, or, if that run is dead, delete "
+                          f"{uri} and rerun")
+    try:
+        yield
+    finally:
+        # Ours unless someone cleared it by hand and another run took it since: then it stays.
+        with contextlib.suppress(OSError):
+            if storage.read_bytes(uri) == token:
+                storage.remove(uri)
 
 
 def is_temp_of(path: Path, names: Iterable[str] | re.Pattern) -> bool:

@@ -102,10 +102,23 @@ def storage_error(uri: str, exc: BaseException) -> StorageError:
     cause = next((words for marker, words in causes if marker in text), None)
     if cause is None:
         cause = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)[:200]
+    if cause == "no such object" and _bucket_missing(uri):
+        cause = "no such bucket"  # S3 answers a GET in a missing bucket as a missing key
     if cause == "endpoint unreachable":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         cause += f" ({endpoint})" if endpoint else ""
     return StorageError(uri, cause)
+
+
+def _bucket_missing(uri: str) -> bool:
+    """Whether the bucket of ``uri`` is known not to exist (False when that cannot be told)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = filesystem(uri)
+        return fs.get_file_info(path.split("/", 1)[0]).type == pafs.FileType.NotFound
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -135,6 +148,12 @@ def is_file(uri: str | os.PathLike) -> bool:
     if not is_object_uri(uri):
         return os.path.isfile(uri)
     return _info(uri).type == pafs.FileType.File
+
+
+def is_symlink(uri: str | os.PathLike) -> bool:
+    """Whether ``uri`` is a local symbolic link (objects never are)."""
+    uri = os.fspath(uri)
+    return not is_object_uri(uri) and os.path.islink(uri)
 
 
 def is_dir(uri: str | os.PathLike) -> bool:
@@ -265,6 +284,63 @@ def remove(uri: str | os.PathLike) -> bool:
             return False
         fs.delete_file(path)
     return True
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create the object ``uri`` holding ``data`` only if no object has that key: S3's conditional
+    write (``PutObject`` with ``If-None-Match: *``), which the server decides atomically, so of two
+    writers exactly one succeeds. Returns False when the key exists.
+
+    pyarrow's filesystem has no conditional write; boto3 (the AWS SDK) makes this one request.
+    """
+    client, bucket, key = _boto_client(uri)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+            return False
+        raise storage_error(uri, OSError(_boto_cause(exc))) from exc
+    except BotoCoreError as exc:
+        raise storage_error(uri, OSError(str(exc))) from exc
+    return True
+
+
+def _boto_cause(exc: Any) -> str:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    names = {"NoSuchBucket": "NO_SUCH_BUCKET", "AccessDenied": "ACCESS_DENIED",
+             "InvalidAccessKeyId": "INVALID_ACCESS_KEY_ID", "SignatureDoesNotMatch": "SIGNATURE_DOES_NOT_MATCH"}
+    return names.get(code, str(exc))
+
+
+def _boto_client(uri: str) -> tuple[Any, str, str]:
+    """``(boto3 S3 client, bucket, key)`` for ``uri``, configured as :func:`filesystem` is."""
+    _, path = filesystem(uri)  # checks the URI
+    bucket, _, key = path.partition("/")
+    if not key:
+        raise StorageError(uri, "expected s3://BUCKET/KEY")
+    opts = s3_options()
+    return _boto(tuple(sorted(opts.items()))), bucket, key
+
+
+@functools.lru_cache(maxsize=4)
+def _boto(options: tuple[tuple[str, Any], ...]) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    o = dict(options)
+    kwargs: dict[str, Any] = {"region_name": o.get("region"),
+                              "config": Config(connect_timeout=o["connect_timeout"], read_timeout=o["request_timeout"],
+                                               retries={"max_attempts": 3, "mode": "standard"})}
+    if "endpoint_override" in o:
+        kwargs["endpoint_url"] = f"{o.get('scheme', 'https')}://{o['endpoint_override']}"
+    if "access_key" in o:
+        kwargs.update(aws_access_key_id=o["access_key"], aws_secret_access_key=o["secret_key"],
+                      aws_session_token=o.get("session_token"))
+    return boto3.client("s3", **kwargs)
 
 
 def remove_tree(uri: str | os.PathLike) -> None:
