@@ -1,18 +1,20 @@
-"""Loading DeiT weights: official checkpoints, timm state dicts, and resolution changes."""
+"""Loading DeiT weights: official checkpoints, timm state dicts, and resolution changes.
+
+Files are read by :func:`~deitpipe.common.weights.read_state_dict` (``weights_only=True``), which
+the teacher shares; it is re-exported here under its student name.
+"""
 
 from __future__ import annotations
 
-import io
 import os
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from deitpipe.shards import storage
+from deitpipe.common.weights import read_state_dict
 
-# Wrappers under which training scripts store the weights (official DeiT: "model").
-_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+__all__ = ["load_checkpoint", "read_state_dict", "resample_pos_embed"]
 
 
 def resample_pos_embed(
@@ -49,56 +51,6 @@ def resample_pos_embed(
                                   antialias=False)
 
 
-_EXPECTED = ("expected the model's weights saved with torch.save(model.state_dict(), path), alone or under "
-             + ", ".join(repr(k) for k in _WRAPPER_KEYS))
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read weights from a file without unpickling code (``weights_only=True``).
-
-    Accepts a plain state dict or a training checkpoint that keeps it under "model",
-    "state_dict", "model_ema" or "state_dict_ema"; a DDP "module." prefix is removed.
-
-    Args:
-        path: the checkpoint file.
-    Returns:
-        ``{name: tensor}``.
-    Raises:
-        ValueError: one line naming the file, when it is missing, not a torch file, or holds
-            something other than a state dict. OSError and MemoryError pass through.
-    """
-    path = os.fspath(path)
-    if storage.is_dir(path):
-        raise ValueError(f"checkpoint {path} is a directory; pass the weights file in it "
-                         f"(e.g. {storage.join(path, 'student.pt')})")
-    if not storage.is_file(path):
-        raise ValueError(f"checkpoint {path} does not exist; pass the path of a weights file "
-                         "(a run's student.pt or a DeiT .pth)")
-    try:
-        source = io.BytesIO(storage.read_bytes(path)) if storage.is_object_uri(path) else path
-        obj = torch.load(source, map_location="cpu", weights_only=True)
-    except (OSError, MemoryError):
-        raise
-    except Exception as e:  # noqa: BLE001 - torch raises several types for a file it cannot read
-        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:200]
-        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {reason}); "
-                         "it must be a torch.save file holding tensors only") from e
-    if isinstance(obj, dict):
-        for key in _WRAPPER_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise ValueError(f"checkpoint {path} is not a state dict (got {type(obj).__name__}); {_EXPECTED}")
-    if not obj:
-        raise ValueError(f"checkpoint {path} holds an empty dict; {_EXPECTED}")
-    for k, v in obj.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise ValueError(f"checkpoint {path} is not a state dict: under {k!r} it holds "
-                             f"{type(v).__name__}, not a tensor (keys {list(obj)[:5]}); {_EXPECTED}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
 def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike,
@@ -126,26 +78,18 @@ def load_checkpoint(
     if reset_heads:  # also gives a headless backbone its heads
         state = {k: v for k, v in state.items() if not is_head(k)} | {k: v for k, v in own.items() if is_head(k)}
     heads = [k for k in state if is_head(k)]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing = [k for k in own if k not in state]  # in the model's order: blocks.4 before blocks.10
+    unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        if any(k.split(".")[0] in ("dist_token", "head_dist") for k in missing + unexpected):
-            fix = "is it a distilled model loaded into a plain one, or the reverse?"
-        elif not unexpected and all(is_head(k) for k in missing):
-            fix = "the file holds no classifier head; reset the heads to fine-tune from it"
-        else:
-            fix = "build the model with the variant and depth the checkpoint was trained with"
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} ({fix})")
+        raise ValueError(_another_model(path, own, state, missing, unexpected))
     # pos_embed may differ in its token count: it is resampled below.
     shapes = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(v.shape)} in the model"
               for k, v in own.items() if k not in heads and state[k].shape != v.shape
-              and not (k == "pos_embed" and state[k].ndim == 3 and state[k].shape[-1] == v.shape[-1])]
+              and not _resamplable(k, state[k], v)]
     if shapes:
         raise ValueError(
             f"checkpoint {path} does not fit the model: {shapes[0]}"
-            f"{f' (and {len(shapes) - 1} more)' if len(shapes) > 1 else ''}; "
-            "build the model with the variant and sizes the checkpoint was trained with"
+            f"{f' (and {len(shapes) - 1} more)' if len(shapes) > 1 else ''}; {_size_difference(state, own)}"
         )
     bad = [f"{k} {tuple(state[k].shape)} in the file vs {tuple(own[k].shape)} in the model"
            for k in heads if state[k].shape != own[k].shape]
@@ -162,5 +106,61 @@ def load_checkpoint(
                              "build the model with the img_size and patch_size it was trained with")
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], new_grid=grid,
                                                 num_prefix_tokens=model.num_prefix_tokens)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # what the checks above do not foresee still ends in one line
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:] if line.strip())
+        raise ValueError(f"checkpoint {path} does not fit the model: {detail[:200]}; "
+                         "build the model with the variant and sizes the checkpoint was trained with") from e
     return model
+
+
+def _resamplable(key: str, theirs: torch.Tensor, ours: torch.Tensor) -> bool:
+    """A position embedding of another token count but the same width: resampled, not refused."""
+    return key == "pos_embed" and theirs.ndim == 3 and theirs.shape[-1] == ours.shape[-1]
+
+
+def _sizes(state: dict[str, torch.Tensor]) -> dict[str, object]:
+    """What a DeiT state dict tells of its model: depth, embed_dim, patch_size, distilled (None: untold)."""
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    proj, cls_token = state.get("patch_embed.proj.weight"), state.get("cls_token")
+    return {"depth": max(blocks) + 1 if blocks else None,
+            "embed_dim": cls_token.shape[-1] if cls_token is not None else None,
+            "patch_size": proj.shape[-1] if proj is not None and proj.ndim == 4 else None,
+            "distilled": "dist_token" in state if cls_token is not None else None}
+
+
+def _size_difference(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> str:
+    """The fix for sizes that differ, e.g. ``"build it as the file's: depth 4 not 6"``."""
+    a, b = _sizes(theirs), _sizes(ours)
+    names = [k for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+    if not names:
+        return "build the model with the variant and sizes the checkpoint was trained with"
+    told = {True: "distilled", False: "plain"}
+    return "build it as the file's: " + ", ".join(
+        f"{told[a[k]]} not {told[b[k]]}" if k == "distilled" else f"{k} {a[k]} not {b[k]}" for k in names)
+
+
+def _another_model(path: str | os.PathLike, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                   missing: list[str], unexpected: list[str]) -> str:
+    """One line for a checkpoint whose names differ from the model's: counts, a few names, the fix.
+
+    Torch's own message lists every key over many lines; this one names the first of each kind,
+    e.g. ``checkpoint a.pt is for another model: 24 missing keys (blocks.4.norm1.weight, ...);
+    build it as the file's: depth 4 not 6``.
+    """
+    def few(names: list[str]) -> str:
+        return f"{names[0]}{', ...' if len(names) > 1 else ''}"
+
+    shapes = [k for k, v in own.items() if k in state and state[k].shape != v.shape
+              and not _resamplable(k, state[k], v)]
+    parts = [f"{len(missing)} missing keys ({few(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+             f"{len(shapes)} of other shape ({shapes[0]}: {tuple(state[shapes[0]].shape)} vs "
+             f"{tuple(own[shapes[0]].shape)})" if shapes else ""]
+    is_head = (lambda k: k.split(".")[0] in ("head", "head_dist"))
+    if not unexpected and all(is_head(k) for k in missing):
+        fix = "the file holds no classifier head; reset the heads to fine-tune from it"
+    else:
+        fix = _size_difference(state, own)
+    return f"checkpoint {path} is for another model: {', '.join(p for p in parts if p)}; {fix}"

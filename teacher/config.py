@@ -1,6 +1,6 @@
 """What ``deitpipe train-teacher`` does: one frozen dataclass, each field declared once.
 
-Its fields carry their command-line help (``student.config.option``); this module imports
+Its fields carry their command-line help (``common.options.option``); this module imports
 nothing heavy, so the command line starts without torch, and torchvision is imported where a
 check or a property needs it.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from deitpipe.shards.conventions import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, LARGE_INPUT, eval_resize
-from deitpipe.student.config import option
+from deitpipe.common.options import option
 
 if TYPE_CHECKING:
     from deitpipe.teacher.preprocess import Preprocessing

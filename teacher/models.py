@@ -1,9 +1,9 @@
 """Teacher construction: any torchvision classification model, with fine-tuned weights from a
 file or torchvision's published weights from the torch hub cache.
 
-Every checkpoint is read by the student's :func:`~deitpipe.student.checkpoint.read_state_dict`
-(``torch.load(weights_only=True)``), so a weights file can never run code. The model comes back
-in eval mode on the CPU, with a :class:`TeacherInfo` that records what was loaded (for
+Every checkpoint is read by :func:`~deitpipe.common.weights.read_state_dict`, which the student
+shares (``torch.load(weights_only=True)``), so a weights file can never run code. The model comes
+back in eval mode on the CPU, with a :class:`TeacherInfo` that records what was loaded (for
 manifests) and how its input must be prepared.
 """
 
@@ -21,8 +21,8 @@ import torch
 import torchvision
 from torch import nn
 
+from deitpipe.common.weights import read_state_dict
 from deitpipe.shards.manifest import file_sha256
-from deitpipe.student.checkpoint import read_state_dict
 from deitpipe.teacher.preprocess import (
     Preprocessing,
     check_teacher_name,
@@ -192,7 +192,7 @@ def _cached_weights_file(weights: torchvision.models.WeightsEnum, *, allow_downl
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict with :func:`~deitpipe.student.checkpoint.read_state_dict`, then undo
+    """Read a state dict with :func:`~deitpipe.common.weights.read_state_dict`, then undo
     the wrappings it leaves for torchvision models.
 
     ``read_state_dict`` unwraps "model", "state_dict", "model_ema" and "state_dict_ema" and one

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from deitpipe.common.optim import bf16_autocast
 from deitpipe.shards.schema import class_dtype
-from deitpipe.student.optim import bf16_autocast
 from deitpipe.teacher.models import build_teacher
 from deitpipe.teacher.preprocess import Preprocessing, normalize
 

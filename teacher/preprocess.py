@@ -7,6 +7,9 @@ A teacher's preprocessing is resolved from four sources, first match per field w
 2. the JSON sidecar written next to fine-tuned weights (``teacher.pt`` -> ``teacher.json``),
 3. the metadata of torchvision's default weights for the architecture,
 4. the ImageNet default (resize 256, crop 224, ImageNet mean/std, bilinear).
+
+A sidecar deitpipe writes carries a ``written_by`` marker; deitpipe replaces only a sidecar of its
+own (:func:`check_weights_out`), never a ``.json`` another tool left beside the weights.
 """
 
 from __future__ import annotations
@@ -22,12 +25,19 @@ from typing import Any
 import torch
 import torchvision
 
+from deitpipe import __version__
 from deitpipe.shards.atomic import atomic_writer
 from deitpipe.shards.conventions import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD  # re-exported: defined once there
 
 
 # Sidecar keys that may carry the crop size; "input_size" is what timm-style tools write.
 _CROP_KEYS = ("crop", "input_size")
+# The key that marks a sidecar as deitpipe's; its value starts with SIDECAR_WRITER.
+SIDECAR_MARKER = "written_by"
+SIDECAR_WRITER = "deitpipe train-teacher"
+# The keys of every sidecar train-teacher wrote before the marker, exactly.
+_UNMARKED_SIDECAR_KEYS = frozenset({"model", "num_classes", "class_names", "resize", "crop", "mean", "std",
+                                    "interpolation", "train"})
 
 
 @dataclass(frozen=True)
@@ -181,7 +191,8 @@ def read_sidecar(weights_path: str | os.PathLike) -> dict[str, Any] | None:
 
     Returns:
         The sidecar dict (keys: model, num_classes, class_names, crop or input_size, resize,
-        mean, std, interpolation; all optional), or None when there is no sidecar.
+        mean, std, interpolation; all optional), or None when there is no sidecar. The
+        ``written_by`` marker is left out.
     """
     path = sidecar_path(weights_path)
     if not path.is_file():
@@ -192,11 +203,72 @@ def read_sidecar(weights_path: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(f"cannot read teacher sidecar {path}: {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"teacher sidecar {path} must hold a JSON object")
+    data.pop(SIDECAR_MARKER, None)
     return data
+
+
+def is_own_sidecar(path: str | os.PathLike) -> bool:
+    """Whether the JSON file at ``path`` is a sidecar deitpipe wrote.
+
+    One with the ``written_by`` marker, or (written before the marker) a JSON object with exactly
+    the keys train-teacher's sidecar has. An unreadable file is not deitpipe's.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    marker = data.get(SIDECAR_MARKER)
+    if isinstance(marker, str):
+        return marker.startswith(SIDECAR_WRITER + " ")
+    return set(data) == _UNMARKED_SIDECAR_KEYS
+
+
+def check_weights_out(weights_path: str | os.PathLike, *, option: str = "--out") -> None:
+    """Refuse a weights path whose writing would replace something deitpipe did not write.
+
+    Meant to run before any work, so that a refusal costs nothing: the weights path must not be
+    a directory or a symbolic link, and its sidecar (``teacher.pt`` -> ``teacher.json``) must be
+    absent or one deitpipe wrote (:func:`is_own_sidecar`), and not a link either. deitpipe makes
+    no links, and writing renames over a link, which would drop it.
+
+    Args:
+        weights_path: the weights file about to be written.
+        option: the option that named it, for the message.
+    Raises:
+        ValueError: one line naming the file and the fix.
+    """
+    weights = Path(weights_path)
+    if os.path.isdir(weights) and not os.path.islink(weights):
+        raise ValueError(f"{option} {weights} is a directory; name the weights file to write, "
+                         f"e.g. {option} {weights / 'teacher.pt'}")
+    if os.path.islink(weights):
+        raise ValueError(f"{option} {weights} is a symbolic link, which deitpipe did not make and would "
+                         f"replace; choose another {option}")
+    _check_sidecar_target(weights, fix=f"choose another {option}")
+
+
+def _check_sidecar_target(weights_path: str | os.PathLike, *, fix: str) -> None:
+    """Raise one line when the sidecar of ``weights_path`` would replace a file not deitpipe's."""
+    sidecar = sidecar_path(weights_path)
+    if os.path.islink(sidecar):
+        why = "is a symbolic link, which deitpipe did not make"
+    elif os.path.isdir(sidecar):
+        why = "is a directory"
+    elif os.path.exists(sidecar) and not is_own_sidecar(sidecar):
+        why = "was not written by deitpipe"
+    else:
+        return
+    raise ValueError(f"{sidecar} {why}, and the sidecar of {weights_path} would replace it; "
+                     f"{fix} (or move {sidecar.name} away)")
 
 
 def write_sidecar(weights_path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
     """Write the sidecar of a weights file atomically and durably (``shards.atomic``).
+
+    The sidecar carries the ``written_by`` marker; an existing sidecar is replaced only when it
+    is deitpipe's (:func:`check_weights_out`).
 
     Args:
         weights_path: the weights file the sidecar describes.
@@ -204,11 +276,14 @@ def write_sidecar(weights_path: str | os.PathLike, data: Mapping[str, Any]) -> P
 
     Returns:
         The sidecar path.
+    Raises:
+        ValueError: one line, when the sidecar's path holds another tool's file, a directory or a link.
     """
     path = sidecar_path(weights_path)
+    _check_sidecar_target(weights_path, fix="write the weights under another name")
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_writer(path, text=True) as file:
-        json.dump(dict(data), file, indent=2, sort_keys=True)
+        json.dump({**data, SIDECAR_MARKER: f"{SIDECAR_WRITER} {__version__}"}, file, indent=2, sort_keys=True)
         file.write("\n")
     return path
 

@@ -5,8 +5,8 @@ model, class count and names, eval preprocessing) lets ``label-teacher --teacher
 the model through :func:`~deitpipe.teacher.models.build_teacher` without repeating any option.
 Recipe: RandomResizedCrop + flip (the kind of views stage one labels), label-smoothed
 cross-entropy, SGD (Nesterov) or AdamW, one epoch of linear warmup then per-step cosine decay.
-The optimizer, its weight-decay split, the schedule and mixed precision are the student's
-(:mod:`deitpipe.student.optim`).
+The optimizer, its weight-decay split, the schedule and mixed precision are those the student
+trains with (:mod:`deitpipe.common.optim`).
 Images are decoded once and kept in memory: meant for data sets that fit in RAM (the digits,
 small image folders), not for ImageNet-sized fine-tunes.
 """
@@ -25,14 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from deitpipe.common.optim import bf16_autocast, build_optimizer, build_scheduler
 from deitpipe.shards.atomic import atomic_writer
 from deitpipe.shards.sources import Source, resolve_source
-from deitpipe.student.optim import bf16_autocast, build_optimizer, build_scheduler
 from deitpipe.teacher.config import OPTIMIZER_DEFAULTS, SGD_MOMENTUM, TeacherTrainConfig  # noqa: F401 (re-exported)
 from deitpipe.teacher.data import SourceImages, eval_transform, train_transform
 from deitpipe.teacher.models import _arch_kwargs, build_teacher
 from deitpipe.teacher.predict import resolve_device
-from deitpipe.teacher.preprocess import Preprocessing, sidecar_path, write_sidecar
+from deitpipe.teacher.preprocess import Preprocessing, check_weights_out, sidecar_path, write_sidecar
 
 
 def replace_head(model: nn.Module, num_classes: int) -> str:
@@ -133,9 +133,9 @@ def _accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> flo
 def build_teacher_optimizer(
     model: nn.Module, config: TeacherTrainConfig, *, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """The student's optimizer and per-step schedule, set up with the teacher's recipe.
+    """The student's optimizer and per-step schedule (``common.optim``), set up with the teacher's recipe.
 
-    No decay on norm scales and biases (``student.optim.param_groups``); SGD is Nesterov with
+    No decay on norm scales and biases (``common.optim.param_groups``); SGD is Nesterov with
     momentum ``SGD_MOMENTUM``. Schedule: one epoch of linear warmup from ``lr / steps_per_epoch``
     (none for a one-epoch run), then cosine to 0 at the last step.
 
@@ -182,9 +182,10 @@ def _train_epoch(
 def save_teacher(model: nn.Module, path: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
     """Write ``model.state_dict()`` to ``path`` and the sidecar beside it, both atomically.
 
-    Order: weights to a temporary file, the sidecar, then the rename (``shards.atomic``). A
-    failure leaves no partial or temporary file, and never new weights without the sidecar that
-    describes them.
+    Order: the check that neither file replaces something deitpipe did not write
+    (:func:`~deitpipe.teacher.preprocess.check_weights_out`), weights to a temporary file, the
+    sidecar, then the rename (``shards.atomic``). A failure leaves no partial or temporary file,
+    and never new weights without the sidecar that describes them.
 
     Args:
         model: the trained model (tensors are saved from the CPU, so the file loads anywhere).
@@ -192,7 +193,11 @@ def save_teacher(model: nn.Module, path: str | os.PathLike, sidecar: dict[str, A
         sidecar: JSON-ready dict for :func:`write_sidecar`.
     Returns:
         The weights path.
+    Raises:
+        ValueError: one line, before anything is written, when ``path`` is a directory or a link
+            or its sidecar's place holds a file deitpipe did not write.
     """
+    check_weights_out(path)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -231,7 +236,9 @@ def _loader(data: Dataset, *, config: TeacherTrainConfig, shuffle: bool,
 def train_teacher(config: TeacherTrainConfig) -> dict[str, Any]:
     """Train (or fine-tune) a teacher on ``config.data`` and save weights and sidecar.
 
-    Deterministic for a fixed ``config.seed`` on the CPU (the same weights bit for bit).
+    Deterministic for a fixed ``config.seed`` on the CPU (the same weights bit for bit). The
+    output path and the device are checked before any data is read, so a refusal comes at once,
+    not after the last epoch.
 
     Args:
         config: the run's options.
@@ -241,8 +248,13 @@ def train_teacher(config: TeacherTrainConfig) -> dict[str, Any]:
         in [0, 1]), ``val_top1`` (None without ``config.val``), ``epochs``, ``seconds``,
         ``skipped`` (undecodable ``(path, reason)``) and ``history``: per epoch ``epoch``,
         ``loss``, ``top1`` (on the augmented crops), ``lr`` (at its start), ``val_top1``.
+    Raises:
+        ValueError: one line, before any work, when ``--out`` would replace a file deitpipe did not
+            write (:func:`~deitpipe.teacher.preprocess.check_weights_out`), when ``--device`` names
+            a device that is not there, or when the data does not fit the options.
     """
     start, config = time.perf_counter(), config.resolved()
+    check_weights_out(config.out)
     device, prep = resolve_device(config.device), config.preprocessing
     train_src, val_src, num_classes = _load_data(config)
     torch.manual_seed(config.seed)  # model init and transforms draw from torch's generator

@@ -243,6 +243,20 @@ def test_no_sidecar_reads_none(weights_file):
     assert read_sidecar(weights_file) is None
 
 
+def test_write_sidecar_replaces_only_its_own(weights_file):
+    foreign = sidecar_path(weights_file)
+    foreign.write_text('{"input_size": 64, "written_by": "another tool"}')
+    with pytest.raises(ValueError, match="teacher.json was not written by deitpipe") as error:
+        write_sidecar(weights_file, {"model": ARCH})
+    assert "\n" not in str(error.value)
+    assert foreign.read_text() == '{"input_size": 64, "written_by": "another tool"}'
+    assert read_sidecar(weights_file) == {"input_size": 64}  # still read: it describes the weights
+    foreign.unlink()
+    write_sidecar(weights_file, {"model": ARCH})
+    write_sidecar(weights_file, {"model": ARCH, "num_classes": 7})  # its own: replaced
+    assert read_sidecar(weights_file) == {"model": ARCH, "num_classes": 7}
+
+
 def test_preprocessing_from_weights_reads_torchvision_metadata():
     weights = torchvision.models.get_model_weights("regnet_y_16gf").DEFAULT
     transform = weights.transforms()

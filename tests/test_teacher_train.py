@@ -1,8 +1,10 @@
-"""Teacher training: options, head replacement, atomic saving, and a round trip through
-build_teacher with the sidecar."""
+"""Teacher training: options, head replacement, atomic saving, refusals before any work, and a
+round trip through build_teacher with the sidecar."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,12 @@ import torch
 import torchvision
 from torch import nn
 
+from deitpipe.common.optim import param_groups
 from deitpipe.shards.sources import _digits, digits_split, render_digit, resolve_source
 from deitpipe.teacher import build_teacher, read_sidecar, sidecar_path
 from deitpipe.teacher import train as train_mod
 from deitpipe.teacher.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from deitpipe.teacher.data import SourceImages, eval_transform
-from deitpipe.student.optim import param_groups
 from deitpipe.teacher.train import (
     OPTIMIZER_DEFAULTS,
     TeacherTrainConfig,
@@ -265,3 +267,94 @@ def test_training_learns_well_above_chance(tmp_path):
     result = train_teacher(config)
     assert result["train_top1"] > 0.6
     assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+
+
+def _refuse_data(config):
+    raise AssertionError("the data was read before the refusal")
+
+
+def test_foreign_sidecar_is_refused_before_training_and_kept(tmp_path, monkeypatch):
+    foreign = tmp_path / "model.json"
+    foreign.write_bytes(b'{"name": "another tool", "labels": [1, 2]}\n')
+    before = foreign.read_bytes()
+    monkeypatch.setattr(train_mod, "_load_data", _refuse_data)
+    with pytest.raises(ValueError) as error:
+        train_teacher(quick(tmp_path, out=str(tmp_path / "model.pt")))
+    message = str(error.value)
+    assert "\n" not in message and str(foreign) in message and "not written by deitpipe" in message
+    assert "choose another --out" in message
+    assert foreign.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]
+    # save_teacher checks too, before it writes the weights.
+    with pytest.raises(ValueError, match="not written by deitpipe"):
+        save_teacher(nn.Linear(3, 2), tmp_path / "model.pt", {"model": "x"})
+    assert foreign.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]
+
+
+def test_foreign_sidecar_is_refused_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from deitpipe.pipeline.cli import main
+
+    foreign = tmp_path / "model.json"
+    foreign.write_text("{}")
+    result = CliRunner().invoke(main, ["train-teacher", "--out", str(tmp_path / "model.pt"), "--epochs", "1",
+                                       "--no-progress"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert str(foreign) in lines[0] and foreign.read_text() == "{}"
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_own_sidecar_is_replaced(tmp_path):
+    path = tmp_path / "model.pt"
+    save_teacher(nn.Linear(3, 2), path, {"model": "old"})
+    marker = json.loads(sidecar_path(path).read_text())["written_by"]
+    assert marker.startswith("deitpipe train-teacher ") and read_sidecar(path) == {"model": "old"}
+    save_teacher(nn.Linear(3, 2), path, {"model": "new"})
+    assert read_sidecar(path) == {"model": "new"}
+    # A sidecar written before the marker, with exactly train-teacher's keys, is deitpipe's too.
+    unmarked = {"model": ARCH, "num_classes": 3, "class_names": None, "resize": 32, "crop": 32,
+                "mean": list(MEAN), "std": list(STD), "interpolation": "bilinear", "train": {}}
+    sidecar_path(path).write_text(json.dumps(unmarked))
+    save_teacher(nn.Linear(3, 2), path, {"model": "newer"})
+    assert read_sidecar(path) == {"model": "newer"}
+    # One key more or less, or another tool's marker, and it is not.
+    for foreign in ({**unmarked, "extra": 1}, {k: v for k, v in unmarked.items() if k != "train"},
+                    {**unmarked, "written_by": "another tool 1.0"}, [unmarked]):
+        sidecar_path(path).write_text(json.dumps(foreign))
+        with pytest.raises(ValueError, match="not written by deitpipe"):
+            save_teacher(nn.Linear(3, 2), path, {"model": "x"})
+
+
+@pytest.mark.parametrize("link", ["weights", "sidecar"])
+def test_links_and_directories_are_refused_before_training(tmp_path, monkeypatch, link):
+    monkeypatch.setattr(train_mod, "_load_data", _refuse_data)
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"kept")
+    path = tmp_path / "model.pt"
+    (path if link == "weights" else sidecar_path(path)).symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link") as error:
+        train_teacher(quick(tmp_path, out=str(path)))
+    assert "\n" not in str(error.value) and "choose another --out" in str(error.value)
+    assert target.read_bytes() == b"kept" and os.path.islink(path if link == "weights" else sidecar_path(path))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"--out .*models is a directory; name the weights file"):
+        train_teacher(quick(tmp_path, out=str(folder)))
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_cuda_without_a_gpu_is_one_line_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "_load_data", _refuse_data)
+    with pytest.raises(ValueError, match=r"--device cuda asked for CUDA but none is available") as error:
+        train_teacher(quick(tmp_path, device="cuda"))
+    assert "\n" not in str(error.value) and list(tmp_path.iterdir()) == []
+    from click.testing import CliRunner
+
+    from deitpipe.pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["train-teacher", "--device", "cuda", "--out", str(tmp_path / "t.pt")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and lines == ["Error: --device cuda asked for CUDA but none is available; "
+                                               "use auto or cpu"], result.output
