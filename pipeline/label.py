@@ -9,6 +9,7 @@ unit of planning and of resume: complete shards are skipped on a rerun.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import time
@@ -199,6 +200,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
         raise LabelError(f"--data {config.data}: no candidate images found")
     teacher_kwargs = dict(name=config.teacher, weights_path=config.teacher_weights,
                           num_classes=config.num_classes, preprocessing_overrides=_overrides(config))
+    _check_device(config)
     _, info = build_teacher(**teacher_kwargs)  # fails here, before Ray, on bad weights
     if len(source.class_names) > info.num_classes:
         raise LabelError(
@@ -209,7 +211,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
     check_output_dir(out, owned=_own_manifest(out) is not None, what=f"label-teacher {schema.MANIFEST_NAME}")
     plan = assign_shards(len(source.candidates), config.shard_size, seed=config.seed)
     with locked(out, command="deitpipe label-teacher"):
-        manifest = _open_output(out, config, source, info)
+        manifest = _open_output(out, config, source, info, planned=len(plan))
         done = {e["name"] for e in manifest["shards"]}
         todo = [s for s in range(len(plan)) if schema.shard_name(s) not in done]
         written: list[dict[str, Any]] = []
@@ -217,10 +219,11 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
             written = _label_shards(config, source, info, plan, todo, manifest, out, teacher_kwargs)
         manifest["inputs"] = _inputs_summary(source, manifest["shards"])
         if manifest["inputs"]["labelled"] == 0:  # shards without samples would stall a student
+            write_manifest(out, manifest)  # incomplete, with the reasons: train-student names them
             first = manifest["inputs"]["skipped"][:1]
             why = f" (first: {first[0]['path']}: {first[0]['reason']})" if first else ""
             raise LabelError(f"--data {config.data}: none of {manifest['inputs']['found']} inputs could be "
-                             f"labelled{why}; {out} is left incomplete")
+                             f"labelled{why}; fix or replace the inputs, then rerun")
         manifest["complete"] = True
         if written or not _is_complete(out):  # a rerun that finds everything done writes nothing
             write_manifest(out, manifest)
@@ -233,13 +236,47 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
 
 def _check_apart(out: str, data: str, source: Source) -> None:
     """Refuse an --out that holds the inputs, or lies inside an input folder (a rerun would list
-    the shards as images)."""
-    inside = (lambda path, folder: path == folder or path.startswith(folder.rstrip("/") + "/"))
-    if storage.is_dir(data) and inside(out, data):
-        raise LabelError(f"--out {out} lies inside --data {data}; choose an --out outside the input folder")
+    the shards as images). Local paths are compared by their real paths, so a link into --data
+    (or an input reached through one) is caught."""
+    if storage.is_object_uri(out):
+        inside = (lambda path, folder: path == folder or path.startswith(folder.rstrip("/") + "/"))
+        if storage.is_dir(data) and inside(out, data):
+            raise LabelError(f"--out {out} lies inside --data {data}; choose an --out outside the input folder")
+        for cand in source.candidates:
+            if cand.kind in ("file", "tarmember") and inside(cand.ref, out):
+                raise LabelError(f"--data {cand.ref} lies inside --out {out}; choose an --out apart from the inputs")
+        return
+    real_out = os.path.realpath(out)
+    if not storage.is_object_uri(data) and os.path.isdir(data) and _inside(real_out, os.path.realpath(data)):
+        raise LabelError(f"--out {out} lies inside --data {data} (real path {real_out}); choose an --out "
+                         "outside the input folder")
+    folders: dict[str, str] = {}  # an input's folder -> its real path: one lookup a folder, not a file
     for cand in source.candidates:
-        if cand.kind in ("file", "tarmember") and inside(cand.ref, out):
+        if cand.kind not in ("file", "tarmember") or storage.is_object_uri(cand.ref):
+            continue
+        head, name = os.path.split(cand.ref)
+        if head not in folders:
+            folders[head] = os.path.realpath(head or ".")
+        real = os.path.join(folders[head], name)
+        if os.path.islink(cand.ref):
+            real = os.path.realpath(cand.ref)
+        if _inside(real, real_out):
             raise LabelError(f"--data {cand.ref} lies inside --out {out}; choose an --out apart from the inputs")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _check_device(config: LabelConfig) -> None:
+    """``--device cuda`` on a machine without a GPU is an error, not a quiet run on the CPU (a
+    cluster's GPUs are checked when Ray is joined)."""
+    if config.device == "cuda" and not config.ray_address:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LabelError("--device cuda: this machine has no CUDA GPU that torch can use; pass --device cpu "
+                             "(or auto), or join a cluster with GPUs (--ray-address)")
 
 
 def _overrides(config: LabelConfig) -> dict[str, Any]:
@@ -250,11 +287,14 @@ _SHARD_FILE = re.compile(r"shard-[0-9]{6}\.tar")  # schema.SHARD_PATTERN's names
 _OWN_FILES = re.compile(rf"shard-[0-9]{{6}}\.tar|{re.escape(schema.MANIFEST_NAME)}")
 
 
-def _open_output(out: str, config: LabelConfig, source: Source, info: TeacherInfo) -> dict[str, Any]:
+def _open_output(out: str, config: LabelConfig, source: Source, info: TeacherInfo,
+                 planned: int) -> dict[str, Any]:
     """Check ``out`` against this run and return the manifest to continue (kept shards only).
 
-    Only files label-teacher writes are ever removed: shards by their exact names (those not kept)
-    and leftovers of its atomic writes, and only in a directory holding its manifest or empty.
+    Only files label-teacher writes are ever removed, and only in a directory holding its
+    manifest or empty: the shards it replaces (those the old manifest lists, and those of this
+    run's ``planned`` numbers, by their exact names, unless kept) and leftovers of its atomic
+    writes. A ``shard-NNNNNN.tar`` neither listed nor planned stays.
     """
     old = _own_manifest(out)
     check_output_dir(out, owned=old is not None, what=f"label-teacher {schema.MANIFEST_NAME}")
@@ -272,9 +312,11 @@ def _open_output(out: str, config: LabelConfig, source: Source, info: TeacherInf
     keep = {e["name"] for e in kept}
     if not storage.is_object_uri(out):
         Path(out).mkdir(parents=True, exist_ok=True)
+    replaced = {e["name"] for e in (old or {}).get("shards", [])} | {schema.shard_name(s) for s in range(planned)}
     # Leftovers of an interrupted run, and shards being replaced: deitpipe's exact names only.
     remove_files([storage.join(out, name) for name in storage.list_names(out)
-                  if _SHARD_FILE.fullmatch(name) and name not in keep] + temp_leftovers(out, _OWN_FILES))
+                  if _SHARD_FILE.fullmatch(name) and name in replaced and name not in keep]
+                 + temp_leftovers(out, _OWN_FILES))
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -300,12 +342,12 @@ def _own_manifest(out: str) -> dict[str, Any] | None:
 
 
 def _shard_intact(out: str, entry: dict[str, Any]) -> bool:
-    """Whether a listed shard is there whole: its size on disk; in object storage, where a rerun
-    is the moment to catch an object replaced behind the manifest, also its sha256."""
+    """Whether a listed shard is there as the manifest describes it: its size, then its sha256 (a
+    shard edited or replaced behind the manifest is labelled again, not called complete)."""
     path = storage.join(out, entry["name"])
-    if storage.size(path) != entry.get("bytes", -1):
+    if storage.is_symlink(path) or storage.size(path) != entry.get("bytes", -1):
         return False
-    return not storage.is_object_uri(out) or file_sha256(path) == entry.get("sha256")
+    return file_sha256(path) == entry.get("sha256")
 
 
 def _is_complete(out: str) -> bool:
@@ -349,6 +391,9 @@ def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: 
 
     with ray_session(config.ray_address), quiet_ray_data(), ThreadPoolExecutor(max_workers=2) as packer:
         use_gpu = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+        if config.device == "cuda" and not use_gpu:
+            raise LabelError(f"--device cuda: the Ray cluster at {config.ray_address or 'this machine'} has no GPU; "
+                             "pass --device cpu (or auto), or add GPU nodes")
         actors = config.num_actors or (int(ray.cluster_resources()["GPU"]) if use_gpu else 1)
         v = config.views + 1
         ds = ray.data.from_items(_items(source, [i for s in todo for i in plan[s]]))

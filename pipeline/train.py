@@ -20,7 +20,7 @@ from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.launch import TrainError, launch
 from deitpipe.pipeline.outdir import check_output_dir, remove_files, remove_ray_storage, temp_leftovers
 from deitpipe.shards import schema, storage
-from deitpipe.shards.manifest import read_manifest, write_json_atomic
+from deitpipe.shards.manifest import read_manifest_digest, write_json_atomic
 from deitpipe.shards.reader import expand_urls, is_object_dir, is_remote, shard_name
 from deitpipe.student import create_student, load_checkpoint
 from deitpipe.student.data import eval_items
@@ -45,15 +45,23 @@ def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
             (required for ``pipe:`` commands, whose files deitpipe cannot locate).
 
     Returns:
-        ``{"urls", "num_classes", "class_names", "views", "samples", "teacher", "manifest"}``.
+        ``{"urls", "num_classes", "class_names", "views", "samples", "teacher", "manifest",
+        "manifest_sha256", "sha256"}``; "sha256" maps each URL to the digest its reader checks.
     """
     where = manifest or _manifest_beside(spec)
-    data = read_manifest(where)  # one line on a missing manifest or another schema version
+    data, digest = read_manifest_digest(where)  # one line on a missing manifest or another schema version
     if not data.get("complete", False):
+        inputs = data.get("inputs") if isinstance(data.get("inputs"), dict) else {}
+        if inputs.get("labelled") == 0 and inputs.get("found"):
+            first = (inputs.get("skipped") or [{}])[0]
+            why = f" (first: {first.get('path')}: {first.get('reason')})" if first.get("path") else ""
+            raise TrainError(f"{where}: label-teacher could label none of its {inputs['found']} inputs{why}; "
+                             "fix or replace the inputs and relabel")
         raise TrainError(f"{where}: label-teacher has not finished; rerun it with the same arguments first")
     if not data.get("teacher", {}).get("name"):
         raise TrainError(f"{where}: the manifest records no teacher")
     listed = {s["name"]: s["samples"] for s in data["shards"]}
+    digests = {s["name"]: s["sha256"] for s in data["shards"] if s.get("sha256")}
     urls = expand_urls(spec)
     unknown = [u for u in urls if shard_name(u) not in listed]
     if unknown:
@@ -62,7 +70,9 @@ def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
     if samples == 0:
         raise TrainError(f"{where}: the shards hold no samples; relabel with inputs that decode")
     return {"urls": urls, "num_classes": int(data["num_classes"]), "class_names": data["class_names"],
-            "views": int(data["views"]), "teacher": data["teacher"], "samples": samples, "manifest": where}
+            "views": int(data["views"]), "teacher": data["teacher"], "samples": samples, "manifest": where,
+            "manifest_sha256": digest,
+            "sha256": {u: digests[shard_name(u)] for u in urls if shard_name(u) in digests}}
 
 
 def _manifest_beside(spec: str) -> str:
@@ -92,16 +102,27 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     config = config.resolved()  # workers do not share the driver's working directory
     info = shard_info(config.shards, config.manifest)
     mode = teacher_labels_mode(config, info["views"])
+    _check_batch(config, samples=info["samples"])
     check_inputs(config, num_classes=info["num_classes"])
     out = config.out  # a local directory or an s3:// prefix
     check_output_dir(out, owned=_own_config(out) is not None, what="train-student config.json")
     launch(config, info=info, mode=mode, out=out,
-           prepare=lambda: _prepare_out(out, config, num_classes=info["num_classes"], manifest=info["manifest"]))
+           prepare=lambda: _prepare_out(out, config, num_classes=info["num_classes"], manifest=info["manifest"],
+                                        manifest_sha256=info["manifest_sha256"]))
     metrics_file = storage.join(out, "metrics.jsonl")
     lines = storage.read_bytes(metrics_file).decode().splitlines() if storage.is_file(metrics_file) else []
     metrics = [json.loads(line) for line in lines if line]
     return {"out": out, "student": storage.join(out, "student.pt"), "epochs_done": len(metrics),
             "last": metrics[-1] if metrics else {}}
+
+
+def _check_batch(config: TrainConfig, *, samples: int) -> None:
+    """A global batch larger than the label set would repeat samples within every step."""
+    world = {"local": 1, "ray": config.num_workers}.get(config.launcher) or int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size * world > samples:
+        workers = f" x {world} workers" if world > 1 else ""
+        raise TrainError(f"--batch-size {config.batch_size}{workers} is larger than the {samples} samples of --shards; "
+                         f"an epoch would repeat samples: pass --batch-size {max(1, samples // world)} or less")
 
 
 def check_inputs(config: TrainConfig, *, num_classes: int) -> None:
@@ -126,9 +147,11 @@ def check_inputs(config: TrainConfig, *, num_classes: int) -> None:
         build_teacher(config.online_teacher, weights_path=config.teacher_weights, num_classes=num_classes)
 
 
-def _prepare_out(out: str, config: TrainConfig, *, num_classes: int, manifest: str) -> None:
-    """Write config.json; refuse to mix a different run into an existing ``out``, or to resume a
-    student whose head does not fit the shards' classes (shards relabelled in place).
+def _prepare_out(out: str, config: TrainConfig, *, num_classes: int, manifest: str,
+                 manifest_sha256: str | None = None) -> None:
+    """Write config.json; refuse to mix a different run into an existing ``out``, to resume onto
+    another label set (config.json records the sha256 of the manifest the run started from), or to
+    resume a student whose head does not fit the shards' classes (shards relabelled in place).
 
     A run that trained no epoch yet (it failed before its first checkpoint) is replaced freely,
     so a corrected rerun is not refused as "other arguments". ``--overwrite`` removes the run's
@@ -144,8 +167,13 @@ def _prepare_out(out: str, config: TrainConfig, *, num_classes: int, manifest: s
                              "classes; pass --overwrite or choose another --out")
     if old is not None:
         same = {k: v for k, v in old.items() if k not in _RUNTIME} == _comparable(config)
+        recorded = old.get(LABEL_SET)
         if config.overwrite:
             _clear_run(out)
+        elif _started(out) and recorded and manifest_sha256 and recorded != manifest_sha256:
+            raise TrainError(f"{out} trained on another label set: {manifest} has sha256 {manifest_sha256[:12]}..., the "
+                             f"run started from {recorded[:12]}... (relabelled since?); pass --overwrite to start "
+                             "over on these labels, or choose another --out")
         elif _started(out) and (not same or not config.resume):
             diff = sorted(k for k, v in _comparable(config).items() if old.get(k) != v)
             why = f"other arguments ({', '.join('--' + d.replace('_', '-') for d in diff)})" if diff else "a run"
@@ -153,10 +181,12 @@ def _prepare_out(out: str, config: TrainConfig, *, num_classes: int, manifest: s
                              "or pass --overwrite, or choose another --out")
     if not storage.is_object_uri(out):
         os.makedirs(out, exist_ok=True)
-    write_json_atomic(path, {**asdict(config), RUN_MARKER: f"deitpipe train-student {__version__}"})
+    write_json_atomic(path, {**asdict(config), RUN_MARKER: f"deitpipe train-student {__version__}",
+                             LABEL_SET: manifest_sha256})
 
 
 RUN_MARKER = "written_by"  # config.json's key that marks a run directory as deitpipe's
+LABEL_SET = "manifest_sha256"  # config.json's key: the sha256 of the manifest the run trains on
 RUN_FILES = ("student.pt", "config.json", "metrics.jsonl")
 
 
@@ -200,4 +230,5 @@ def _clear_run(out: str) -> None:
 
 
 _RUNTIME = frozenset({"out", "ray_address", "resume", "overwrite", "stop_after_steps", "progress",
-                      "loader_workers", "cpus_per_worker", "keep_checkpoints", "launcher", RUN_MARKER})
+                      "loader_workers", "cpus_per_worker", "keep_checkpoints", "launcher", RUN_MARKER,
+                      LABEL_SET})

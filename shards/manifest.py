@@ -88,24 +88,38 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         ManifestError: One line naming the file: missing, not JSON, or another schema version.
     """
+    return read_manifest_digest(path)[0]
+
+
+def read_manifest_digest(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """:func:`read_manifest`, and the hex sha256 of the manifest's bytes: the identity of the
+    label set a student run trains on."""
+    text, where = _manifest_bytes(path)
+    try:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{where}: manifest is not valid JSON ({exc}); relabel or restore it") from None
+    return _parse_manifest(decoded, where), hashlib.sha256(text).hexdigest()
+
+
+def _manifest_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
     if is_remote(path):
         where = str(path)
         if storage.is_object_uri(where) and not where.endswith(".json"):
             where = storage.join(where, schema.MANIFEST_NAME)  # a shard prefix, like a shard directory
         try:
             with open_stream(where) as f:
-                text = f.read().decode("utf-8")
+                return f.read(), where
         except (OSError, ValueError) as exc:
             cause = exc.cause if isinstance(exc, storage.StorageError) else exc
             raise ManifestError(f"{where}: cannot read the manifest ({cause}); check the URL or pass --manifest") from None
-    else:
-        p = _manifest_path(path)
-        where = str(p)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ManifestError(f"{p}: no manifest; is this a shard directory written by deitpipe?") from None
-    return _parse_manifest(text, where)
+    p = _manifest_path(path)
+    try:
+        return p.read_bytes(), str(p)
+    except FileNotFoundError:
+        raise ManifestError(f"{p}: no manifest; is this a shard directory written by deitpipe?") from None
+    except OSError as exc:
+        raise ManifestError(f"{p}: cannot read the manifest ({exc.strerror or exc})") from None
 
 
 def _parse_manifest(text: str, where: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import hashlib
 import math
 import os
 import re
@@ -103,7 +104,11 @@ def _opened(urls: list[str]) -> Iterator[dict[str, Any]]:
             yield {"url": url, "stream": stream}
 
 
-def read_shard(url: str) -> list[dict[str, Any]]:
+class ShardChangedError(ValueError):
+    """A shard's bytes are not those its manifest lists (one-line message naming the shard)."""
+
+
+def read_shard(url: str, *, sha256: str | None = None) -> list[dict[str, Any]]:
     """All raw samples of one shard, as :func:`iter_tar_samples` yields them, from one read.
 
     deitpipe's shards are plain ustar archives of regular members; those are split here without
@@ -112,6 +117,10 @@ def read_shard(url: str) -> list[dict[str, Any]]:
 
     Args:
         url: One shard path or URL (``pipe:``, ``s3://``, ``http(s)://``).
+        sha256: the manifest's hex digest of the shard; the bytes read are checked against it
+            (the hash runs over bytes already in memory) before any sample is used.
+    Raises:
+        ShardChangedError: the bytes differ from ``sha256``.
     """
     src = url
     local = url.removeprefix("file:")
@@ -123,6 +132,12 @@ def read_shard(url: str) -> list[dict[str, Any]]:
             raise ValueError(f"tar {url} does not exist; check the path or brace pattern")
         with open(local, "rb") as f:
             data = f.read()
+    if sha256 is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != sha256:
+            raise ShardChangedError(
+                f"{url}: sha256 {digest[:12]}... differs from its manifest's {sha256[:12]}...: the shard changed "
+                "after it was labelled; relabel it (label-teacher with the same arguments) or restore it")
     samples = _split_ustar(data, src)
     if samples is None:
         members = tariterators.tar_file_expander([{"url": src, "stream": io.BytesIO(data)}])
@@ -275,19 +290,22 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     if ext is None or missing:
         lacks = missing + ([] if ext is not None else ["<image>"])
         raise ValueError(f"{raw.get('__url__', '?')}: sample {key} lacks members {lacks}")
-    out: dict[str, Any] = {
-        "key": key,
-        "url": raw.get("__url__"),
-        "image": raw[ext],
-        "image_ext": ext,
-        "label": int(raw[schema.CLS].decode("ascii").strip()),
-        "meta": json.loads(raw[schema.META]),
-    }
+    where = f"{raw.get('__url__', '?')}: sample {key}"
+    try:
+        label = int(raw[schema.CLS].decode("ascii").strip())
+        meta = json.loads(raw[schema.META])
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{where}: unreadable {schema.CLS} or {schema.META} ({str(exc).splitlines()[0]})") from None
+    out: dict[str, Any] = {"key": key, "url": raw.get("__url__"), "image": raw[ext], "image_ext": ext,
+                           "label": label, "meta": meta}
     if schema.VIEWS in raw:
-        out.update(_split_views(raw[schema.VIEWS], f"{raw.get('__url__', '?')}: sample {key}"))
+        out.update(_split_views(raw[schema.VIEWS], where))
     else:
         for member in v1:
-            out[member.removesuffix(".npy")] = load_npy(raw[member])
+            try:
+                out[member.removesuffix(".npy")] = load_npy(raw[member])
+            except ValueError as exc:
+                raise ValueError(f"{where}: {member}: {exc}") from None
     return out
 
 
@@ -296,7 +314,10 @@ _FIELDS = schema.VIEW_FIELDS + (schema.SOFTMAX_FIELD,)
 
 def _split_views(data: bytes, where: str) -> dict[str, np.ndarray]:
     """The fields of a version 2 ``views.npy`` as separate C-ordered arrays in native byte order."""
-    rows = _npy_view(data)
+    try:
+        rows = _npy_view(data)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {schema.VIEWS}: {exc}") from None
     names = rows.dtype.names or ()
     if rows.ndim != 1 or not set(schema.VIEW_FIELDS) <= set(names) or not set(names) <= set(_FIELDS):
         raise ValueError(f"{where}: {schema.VIEWS} must be a 1-D structured array with fields "

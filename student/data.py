@@ -163,12 +163,14 @@ class ShardReplay(IterableDataset):
         augment: what follows the crop.
         interpolation: resize interpolation of the crop.
         min_scale: smallest crop area of the fresh crops in "global" and "none" modes.
+        checksums: shard URL -> the manifest's sha256; each shard is checked as it is read, and a
+            changed one stops the run (``shards.reader.ShardChangedError``).
     """
 
     def __init__(self, *, urls: list[str], num_classes: int, num_views: int, teacher_labels: str,
                  img_size: int, batch_size: int, steps: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, augment: Augment = Augment(), interpolation: str = "bilinear",
-                 min_scale: float = 0.08):
+                 min_scale: float = 0.08, checksums: dict[str, str] | None = None):
         if teacher_labels not in TEACHER_LABELS:
             raise ValueError(f"--teacher-labels must be one of {', '.join(TEACHER_LABELS)}, got {teacher_labels!r}")
         if teacher_labels == "views" and num_views < 1:
@@ -180,6 +182,7 @@ class ShardReplay(IterableDataset):
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
         self.rank, self.world_size = rank, world_size
         self.scale = (min_scale, 1.0)
+        self.checksums = dict(checksums or {})
         self.transform = augment.build()
         self.epoch = 0
 
@@ -208,14 +211,22 @@ class ShardReplay(IterableDataset):
         for n, url in enumerate(itertools.cycle(mine)):
             if n == len(mine) and produced == 0:  # a whole pass yielded nothing: it never will
                 raise ValueError(f"shards {', '.join(shard_name(u) for u in mine)} hold no samples")
-            raw = read_shard(url)
+            raw = read_shard(url, sha256=self.checksums.get(url))
             order = epoch_sample_order(num_samples=len(raw), seed=self.seed, epoch=self.epoch,
                                        shard=shard_name(url))
             for i in order:
-                yield self.example(decode_sample(raw[i]))
+                yield self.example(self._decoded(raw[i], url))
                 produced += 1
                 if produced == quota:
                     return
+
+    def _decoded(self, raw: dict, url: str) -> dict:
+        """A stored sample decoded and checked: its true label one of the set's classes."""
+        sample = decode_sample(raw)
+        if not 0 <= sample["label"] < self.num_classes:
+            raise ValueError(f"{url}: sample {sample['key']} has label {sample['label']}, outside the "
+                             f"{self.num_classes} classes of its manifest; relabel the shard or fix its .cls")
+        return sample
 
     def view_of(self, sample: dict, *, height: int, width: int) -> tuple[int, tuple[int, ...], bool]:
         """This epoch's view of ``sample``: (row of its teacher label, box, flip).

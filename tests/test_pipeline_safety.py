@@ -215,10 +215,12 @@ def test_label_teacher_that_labels_nothing_fails_and_leaves_the_manifest_incompl
         line = _one_line_error(_run(*_label_args(data, tmp_path / "out", weights)))
     finally:
         ray.shutdown()
-    assert "none of 3 inputs could be labelled" in line
+    assert "none of 3 inputs could be labelled" in line and "same arguments" not in line
     assert json.loads((tmp_path / "out" / schema.MANIFEST_NAME).read_text())["complete"] is False
     refused = _one_line_error(_run("train-student", "--shards", tmp_path / "out", "--out", tmp_path / "s", *TINY))
-    assert "not finished" in refused
+    # The student names the cause, not "rerun label-teacher with the same arguments", which cannot help.
+    assert "could label none of its 3 inputs" in refused and "0.jpg" in refused
+    assert "same arguments" not in refused
 
 
 def test_images_over_max_pixels_are_skipped_with_their_reason(tmp_path):
