@@ -11,8 +11,9 @@ from pathlib import Path
 import ray
 
 
-# Ray's cluster token, written world-readable; with token authentication on it is what stands
-# between the local Ray's ports (which listen on every interface) and anyone on the network.
+# Ray's cluster token; with token authentication on it is what stands between the local Ray's
+# ports (which listen on every interface) and anyone on the network. ray.init writes it in the
+# driver with a plain open(), so with the usual umask it is world-readable until chmod-ed.
 RAY_TOKEN = Path.home() / ".ray" / "auth_token"
 
 
@@ -21,6 +22,26 @@ def owner_only(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_mode & 0o077:
             os.chmod(path, 0o600)
+
+
+def private_dir(path: Path) -> None:
+    """Make ``path`` a directory only its owner can enter: created 0o700 if missing, else with
+    the group's and others' permissions taken away (never given). A file created in it is then
+    out of others' reach from its first byte, whatever its own mode.
+
+    This rather than a umask around ``ray.init``: the processes Ray starts there (GCS, raylet and,
+    through the raylet, every worker) would keep that umask for the whole session, and make the
+    run's outputs written by workers owner-only too.
+    """
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            with contextlib.suppress(PermissionError):  # not ours (a link elsewhere): left as it is
+                os.chmod(path, mode & 0o700)
+    except OSError:
+        pass  # no home to write in: Ray reports it if it needs the directory (token authentication)
 
 
 @contextlib.contextmanager
@@ -44,6 +65,8 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     else:
         # "local" so that a stale cluster address file is not joined by accident.
         mem = int(os.environ.get("DEITPIPE_OBJECT_STORE_BYTES", 512 << 20))
+        private_dir(RAY_TOKEN.parent)  # before ray.init writes the token there
+        owner_only(RAY_TOKEN)  # one left by an earlier run
         ray.init(address="local", num_cpus=num_cpus, object_store_memory=mem, **kwargs)
         owner_only(RAY_TOKEN)
     try:

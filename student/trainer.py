@@ -12,6 +12,7 @@ the following epochs exactly; the checkpoint needs no generator state.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -164,6 +165,10 @@ def checkpoint_state(cfg, model, optimizer, scheduler, ema, *, epoch: int, step:
             "config": asdict(cfg), "model_config": asdict(model.config)}
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint or weights file could not be written; the message is one line naming the file."""
+
+
 class FileCheckpoints:
     """Checkpoints as plain files, ``out/checkpoints/epoch-NNNN.pt``; the latest ``keep`` stay.
 
@@ -179,8 +184,7 @@ class FileCheckpoints:
     def __call__(self, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
         if self.rank != 0 or state is None:
             return
-        with storage.atomic_output(storage.join(self.out, CHECKPOINT_DIR, f"epoch-{int(state['epoch']):04d}.pt")) as f:
-            torch.save(state, f)
+        _save(state, storage.join(self.out, CHECKPOINT_DIR, f"epoch-{int(state['epoch']):04d}.pt"))
         for old in checkpoint_files(self.out)[:-self.keep]:
             storage.remove(old)
 
@@ -219,19 +223,53 @@ def _newest_readable(paths: list[str]) -> dict[str, Any] | None:
             state = load_state(path)
         except storage.StorageError:
             raise  # the store is unreachable: not a reason to resume from an older epoch
-        except (RuntimeError, EOFError, ValueError, OSError):  # what torch raises on a cut-off file
+        except (ValueError, OSError):  # cut off, corrupt or another kind of file: the next older one
             continue
-        if isinstance(state, dict) and "epoch" in state:
+        if "epoch" in state:
             return state
     return None
 
 
 def load_state(uri: str | Path) -> dict[str, Any]:
     """A checkpoint state from a file (memory-mapped: comparing epochs reads only that number,
-    not the weights and optimizer state) or an object (read whole)."""
+    not the weights and optimizer state) or an object (read whole).
+
+    Raises:
+        ValueError: one line naming the file, when it is not a torch checkpoint (another kind of
+            file, cut off or corrupt) or holds something other than a dict.
+        OSError: the file cannot be opened (missing, no permission; an object: StorageError).
+    """
+    uri = os.fspath(uri)
     if storage.is_object_uri(uri):
-        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    return torch.load(uri, map_location="cpu", weights_only=True, mmap=True)
+        head = storage.read_bytes(uri)
+        source, mmap = io.BytesIO(head), False
+    else:
+        with open(uri, "rb") as f:  # a missing or forbidden file fails here, as itself
+            head = f.read(4)
+        source, mmap = uri, True
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch raises many types (even OSError) for bytes it cannot parse
+        raise ValueError(f"{uri} {_unreadable(head, exc)}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{uri} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def _unreadable(head: bytes, exc: BaseException) -> str:
+    """What a file that torch.load refused is, from its first bytes (torch.save writes a zip)."""
+    if not head:
+        return "is empty, not a torch checkpoint"
+    if not head.startswith(b"PK\x03\x04"):
+        return "is not a torch checkpoint: it is not the zip archive torch.save writes"
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    if unsafe:
+        return (f"is not a checkpoint of tensors and plain values: it holds a {unsafe[1]}, "
+                "which is not loaded as it could run code")
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "").split(". ")[0][:120]
+    return f"is a cut-off or corrupt torch checkpoint ({type(exc).__name__}{': ' + reason if reason else ''})"
 
 
 def heads_differ(model: torch.nn.Module, path: str) -> bool:
@@ -241,23 +279,84 @@ def heads_differ(model: torch.nn.Module, path: str) -> bool:
 
 
 def save_weights(weights: dict[str, torch.Tensor], path: str | Path) -> None:
-    """``torch.save`` to ``path`` (or an object) atomically and durably."""
-    with storage.atomic_output(path) as f:
-        torch.save(weights, f)
+    """``torch.save`` to ``path`` (or an object) atomically and durably.
+
+    Raises:
+        CheckpointWriteError: one line naming the file and the cause (e.g. no space left).
+    """
+    _save(weights, os.fspath(path))
+
+
+def _save(obj: Any, path: str) -> None:
+    """``torch.save`` through an atomic output: a failed write leaves nothing under ``path``."""
+    try:
+        with storage.atomic_output(path) as f:
+            torch.save(obj, f)
+    except storage.StorageError:
+        raise  # already one line naming the object
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointWriteError(f"cannot write {path}: {_write_failure(exc)}") from exc
+
+
+def _write_failure(exc: BaseException) -> str:
+    """The cause of a failed write in words. torch.save reports a failed write of its file object
+    as "enforce fail at inline_container.cc: unexpected pos", with the OSError as its context."""
+    chain = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "no space left" in str(e).lower():
+            return "no space left on device; free some space or choose another --out"
+    root = next((e for e in reversed(chain) if isinstance(e, OSError)), chain[0])
+    text = root.strerror if isinstance(root, OSError) and root.strerror else str(root)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(root).__name__)[:200]
 
 
 def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
     """Append one JSON line (flushed and fsynced, so a killed run keeps what it logged); an
-    object is rewritten whole with the line added."""
-    line = json.dumps(record, sort_keys=True) + "\n"
+    object is rewritten whole with the line added.
+
+    A line cut off by a killed write (no newline at the end) is first ended, so it stays a line
+    of its own that :func:`read_metrics` skips, and never runs into this record.
+    """
+    line = json.dumps(record, sort_keys=True).encode("utf-8") + b"\n"
     if storage.is_object_uri(path):
         before = storage.read_bytes(path) if storage.is_file(path) else b""
-        storage.write_bytes(path, before + line.encode("utf-8"))
+        storage.write_bytes(path, before + (b"\n" if before and not before.endswith(b"\n") else b"") + line)
         return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)  # "a": appended at the end, wherever the read left the position
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` (a file or an object), in order; empty when it is absent.
+
+    Lines that are not whole JSON objects are skipped: the last line of a run killed while
+    writing it, or a line damaged in the middle. They never stop a resume or a report.
+    """
+    path = os.fspath(path)
+    return [record for _, record in _metric_lines(storage.read_bytes(path))] if storage.is_file(path) else []
+
+
+def _metric_lines(data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each intact line of a ``metrics.jsonl``'s bytes."""
+    found = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            found.append((line, record))
+    return found
 
 
 def loader_kind(cfg: TrainConfig, device: torch.device) -> str:
@@ -277,7 +376,7 @@ def train_loader(cfg: TrainConfig, info: dict[str, Any], mode: str, *, img_size:
                       random_erasing=cfg.random_erasing, img_size=img_size)
     kwargs = dict(urls=info["urls"], num_classes=info["num_classes"], num_views=info["views"], teacher_labels=mode,
                   img_size=img_size, batch_size=cfg.batch_size, steps=steps, seed=cfg.seed, rank=rank,
-                  world_size=world, min_scale=cfg.min_scale)
+                  world_size=world, min_scale=cfg.min_scale, checksums=info.get("sha256"))
     pin = device.type == "cuda"
     if loader_kind(cfg, device) == "gpu":
         encoded = EncodedShardReplay(**kwargs)
@@ -316,13 +415,16 @@ def _resume(state, model, optimizer, scheduler, ema) -> tuple[int, int]:
 
 
 def _truncate_metrics(path: str, start_epoch: int) -> None:
-    """Drop lines of epochs that will be trained again, so a resumed run logs each epoch once."""
+    """Drop lines of epochs that will be trained again, so a resumed run logs each epoch once;
+    lines that are not intact records (:func:`read_metrics`) go too."""
     if not storage.is_file(path):
         return
-    lines = storage.read_bytes(path).decode("utf-8").splitlines()
-    keep = [line for line in lines if line and json.loads(line)["epoch"] < start_epoch]
-    if len(keep) < len(lines):
-        storage.write_bytes(path, "".join(line + "\n" for line in keep).encode())
+    data = storage.read_bytes(path)
+    keep = [line for line, record in _metric_lines(data)
+            if isinstance(record.get("epoch"), int) and record["epoch"] < start_epoch]
+    text = "".join(line + "\n" for line in keep).encode("utf-8")
+    if text != data:
+        storage.write_bytes(path, text)
 
 
 def _throttled(progress: ProgressFn | None, *, start: int, every_s: float = 0.5) -> Callable[..., None]:
