@@ -124,10 +124,10 @@ def write_synthetic_shards(out_dir: str | Path, *, images: list[bytes], labels: 
     Returns:
         The shard paths in order.
     """
-    from deitpipe.shards import schema
-    from deitpipe.shards.image import decode_image, sniff_image_type
-    from deitpipe.shards.views import global_box, random_view_boxes
-    from deitpipe.shards.writer import ShardFileWriter, encode_sample
+    from deitpipe.shards.format import schema
+    from deitpipe.shards.format.image import decode_image, sniff_image_type
+    from deitpipe.shards.format.views import global_box, random_view_boxes
+    from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
     from deitpipe.teacher import summarize_probs
 
     out = Path(out_dir)

@@ -20,8 +20,8 @@ Timing: the inputs of every batch are prepared first (as DataLoader workers woul
 over: bytes, header fields, boxes); one batch warms each path up (kernels, decoder handles,
 allocations), then ``--rounds`` passes over all batches are timed batch by batch between two
 synchronisations. Reported per path: images/s; per DALI variant: its ratio to the torchvision
-path and its mean (and largest) absolute pixel difference from ``shards.image.cut_view`` on the
-Pillow-decoded image (the views the teacher labelled) and from ``decode_and_cut``'s views; and
+path and its mean (and largest) absolute pixel difference from ``shards.format.image.cut_view`` on
+the Pillow-decoded image (the views the teacher labelled) and from ``decode_and_cut``'s views; and
 the torchvision path's own difference from ``cut_view``. On the CPU, DALI's box decoding equals
 Pillow's decode bit for bit, and the views differ from ``cut_view`` by the rounding of the
 resize alone (mean about 0.17, at most 2 levels); on CUDA both paths add nvJPEG's decoding.
@@ -57,9 +57,9 @@ import numpy as np
 import torch
 
 from benchutil import emit, header, photo_jpeg, sync
-from deitpipe.shards.image import cut_view, decode_image
-from deitpipe.shards.schema import sample_key
-from deitpipe.shards.views import epoch_view_index, random_view_boxes
+from deitpipe.shards.format.image import cut_view, decode_image
+from deitpipe.shards.format.schema import sample_key
+from deitpipe.shards.format.views import epoch_view_index, random_view_boxes
 from deitpipe.student.gpu_replay import decode_and_cut, jpeg_layout
 
 VARIANTS = ("image_slice", "resize_roi")
@@ -87,7 +87,7 @@ def dali_windows(boxes: np.ndarray | torch.Tensor | Sequence[Sequence[int]]) -> 
     """deitpipe's view boxes as DALI's crop windows.
 
     A stored box is ``(top, left, height, width)`` in integer pixels of the decoded image, EXIF
-    orientation applied (``shards.image``). DALI's slice and ROI arguments take the "WH" axis
+    orientation applied (``shards.format.image``). DALI's slice and ROI arguments take the "WH" axis
     order, so the anchor is ``(left, top)`` and the shape ``(width, height)``; they stay int32
     because DALI reads integer windows as absolute pixels (float ones as fractions of the image).
 

@@ -44,9 +44,9 @@ from deitpipe.pipeline.demo import DemoConfig, _check_same_data, _teacher, stude
 from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.launch import online_teacher_fn
 from deitpipe.pipeline.train import teacher_labels_mode
-from deitpipe.shards.manifest import write_json_atomic
-from deitpipe.shards.reader import expand_urls
-from deitpipe.shards.sources import digits_image_folder
+from deitpipe.shards.format.manifest import write_json_atomic
+from deitpipe.shards.format.reader import expand_urls
+from deitpipe.shards.inputs.embedded import digits_image_folder
 from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.student.engine import MixupCutmix
 from deitpipe.student.trainer import train

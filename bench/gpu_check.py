@@ -157,9 +157,9 @@ def write_shards(out: Path, *, shards: int, per_shard: int, distinct: int, heigh
     Returns:
         train_loader's ``info`` ("urls", "num_classes", "views", "samples") plus "jpeg_bytes".
     """
-    from deitpipe.shards import schema
-    from deitpipe.shards.views import global_box, random_view_boxes
-    from deitpipe.shards.writer import ShardFileWriter, encode_sample
+    from deitpipe.shards.format import schema
+    from deitpipe.shards.format.views import global_box, random_view_boxes
+    from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
 
     tasks = [(seed, height, width) for seed in range(distinct)]
     if processes > 1 and distinct > 16:

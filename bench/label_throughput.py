@@ -33,9 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchutil import emit, header, photo_folder, save_random_teacher
 from deitpipe.pipeline.config import LabelConfig
-from deitpipe.pipeline.label import image_views, label_teacher
-from deitpipe.shards import schema
-from deitpipe.shards.sources import Source, read_bytes, resolve_source
+from deitpipe.pipeline.label import label_teacher
+from deitpipe.teacher.labelling import image_views
+from deitpipe.shards.format import schema
+from deitpipe.shards.inputs import Source, read_bytes, resolve_source
 from deitpipe.teacher import Preprocessing, build_teacher, predict_probs, summarize_probs
 
 

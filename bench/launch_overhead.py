@@ -22,7 +22,8 @@ from conftest import write_shard_set  # noqa: E402 - the test suite's small shar
 
 from deitpipe.pipeline.config import TrainConfig  # noqa: E402
 from deitpipe.pipeline.train import train_student  # noqa: E402
-from deitpipe.shards import schema  # noqa: E402
+from deitpipe.shards.format import schema  # noqa: E402
+from deitpipe.student.trainer import read_metrics  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
             start = time.perf_counter()
             result = train_student(config)
             seconds[launcher] = time.perf_counter() - start
-            losses[launcher] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+            losses[launcher] = [m["loss"] for m in read_metrics(out / "metrics.jsonl")]
             print(json.dumps({"launcher": launcher, "seconds": round(seconds[launcher], 2),
                               "epochs": result["epochs_done"], "loss": round(result["last"]["loss"], 6)}), flush=True)
         same = all(abs(a - b) <= 1e-5 for a, b in zip(losses["local"], losses["ray"]))

@@ -40,9 +40,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchutil import StepClock, emit, header, photo_jpeg, write_synthetic_shards
-from deitpipe.shards import reader, schema
-from deitpipe.shards.sources import render_digit, resolve_source
-from deitpipe.shards.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.format import reader, schema
+from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.inputs import resolve_source
+from deitpipe.shards.inputs.embedded import render_digit
 from deitpipe.student import DistillationLoss, MixupCutmix, build_optimizer, create_student, scaled_lr, train_one_epoch
 from deitpipe.student.data import Augment, ShardReplay
 
@@ -92,14 +93,14 @@ class _NoCache(dict):
 @contextlib.contextmanager
 def reader_shortcuts(*, split: bool, cache: bool) -> Iterator[None]:
     """Switch the reader's ustar splitter and npy header cache off (False) inside the block."""
-    saved = reader._split_ustar, reader._NPY_HEADERS
+    saved = reader.split_ustar, reader._NPY_HEADERS
     if not split:
-        reader._split_ustar = lambda data, url: None  # every shard through webdataset's tarfile path
+        reader.split_ustar = lambda data, url: None  # every shard through webdataset's tarfile path
     reader._NPY_HEADERS = {} if cache else _NoCache()
     try:
         yield
     finally:
-        reader._split_ustar, reader._NPY_HEADERS = saved
+        reader.split_ustar, reader._NPY_HEADERS = saved
 
 
 def read_cost(urls: list[str], *, reps: int) -> float:

@@ -44,10 +44,11 @@ import torch
 from benchutil import emit, header, photo_folder, save_random_teacher
 from loader_cost import rewrite_shards
 from deitpipe.pipeline.config import LabelConfig
-from deitpipe.pipeline.label import image_views, label_teacher
-from deitpipe.shards import schema
-from deitpipe.shards.reader import expand_urls, teacher_distribution
-from deitpipe.shards.sources import read_bytes, resolve_source
+from deitpipe.pipeline.label import label_teacher
+from deitpipe.teacher.labelling import image_views
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.reader import expand_urls, teacher_distribution
+from deitpipe.shards.inputs import read_bytes, resolve_source
 from deitpipe.teacher import build_teacher, normalize, summarize_probs
 
 # Every per-view member of either schema version.

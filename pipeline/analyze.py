@@ -8,7 +8,6 @@ need matplotlib (``pip install deitpipe[plots]``); without it the tables are sti
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,10 @@ from torch.utils.data import DataLoader
 
 from deitpipe.pipeline.evaluate import resolve_student
 from deitpipe.shards import storage
-from deitpipe.shards.manifest import write_json_atomic
+from deitpipe.shards.format.manifest import write_json_atomic
 from deitpipe.student import evaluate
 from deitpipe.student.data import EvalImages, eval_items
+from deitpipe.student.trainer import read_metrics
 
 
 def analyze_student(*, run: str, data: str, out: str | None = None, max_images: int = 512) -> dict[str, Any]:
@@ -64,9 +64,7 @@ def analyze_student(*, run: str, data: str, out: str | None = None, max_images: 
 
 
 def _curves(path: str) -> dict[str, list[float]]:
-    if not storage.is_file(path):
-        return {}
-    rows = [json.loads(line) for line in storage.read_bytes(path).decode("utf-8").splitlines() if line]
+    rows = read_metrics(path)
     keys = ["epoch", "loss", "cls", "dist", "lr", "val_top1_cls", "val_top1_dist", "val_top1_avg"]
     return {k: [r[k] for r in rows if k in r] for k in keys if any(k in r for r in rows)}
 

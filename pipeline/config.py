@@ -11,7 +11,7 @@ __all__ = ["DemoConfig", "LabelConfig", "TrainConfig", "absolute_spec"]
 
 # Fields that do not change what a stage writes: a rerun may change them freely.
 _LABEL_RUNTIME_FIELDS = frozenset({"out", "batch_size", "ray_address", "strict", "overwrite",
-                                   "num_actors", "device", "progress", "max_pixels"})
+                                   "num_actors", "device", "progress", "max_pixels", "launcher"})
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,13 @@ class LabelConfig:
     crop: int | None = option(None, "Override the teacher's input (crop) size.", low=1)
     interpolation: str | None = option(None, "Override the teacher's interpolation.",
                                        choices=("bilinear", "bicubic", "nearest"))
-    ray_address: str | None = option(None, "Join this Ray cluster ('auto' or host:port); default: a local Ray.")
+    launcher: str | None = option(None, "Who runs the teacher: 'local' (this process; threads decode ahead of one "
+                                  "teacher; no Ray start-up, and no Ray needed) or 'ray' (Ray Data: decode tasks and "
+                                  "one teacher actor per GPU, on this machine or a cluster). Default: ray with "
+                                  "--ray-address or several GPUs here, else local. Both write the same shards.",
+                                  choices=("local", "ray"))
+    ray_address: str | None = option(None, "Join this Ray cluster ('auto' or host:port) with --launcher ray; "
+                                     "default: a local Ray.")
     num_actors: int | None = option(None, "Teacher actors (default: one per GPU, or one).", low=1)
     device: str = option("auto", "Where the teacher runs.", choices=("auto", "cuda", "cpu"))
     strict: bool = option(False, "Fail on the first undecodable input instead of skipping it.")

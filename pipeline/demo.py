@@ -1,6 +1,6 @@
 """``deitpipe demo``: the whole pipeline on an embedded data set, with nothing to download.
 
-The data set is cluttered digits by default (:mod:`deitpipe.shards.cluttered`: scikit-learn's
+The data set is cluttered digits by default (:mod:`deitpipe.shards.inputs.cluttered`: scikit-learn's
 digits at random places on a canvas of fragments, where a convnet teacher has an edge a small ViT
 lacks), or the plain digits (``--data digits``).
 
@@ -27,8 +27,8 @@ from deitpipe.pipeline.evaluate import evaluate_student
 from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.raysession import ray_session
 from deitpipe.pipeline.train import train_student
-from deitpipe.shards.manifest import write_json_atomic
-from deitpipe.shards.sources import digits_image_folder
+from deitpipe.shards.format.manifest import write_json_atomic
+from deitpipe.shards.inputs.embedded import digits_image_folder
 from deitpipe.teacher.train import TeacherTrainConfig, train_teacher
 
 

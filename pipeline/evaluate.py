@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from deitpipe.shards import storage
-from deitpipe.shards.image import ImageDecodeError
+from deitpipe.shards.format.image import ImageDecodeError
 from deitpipe.student import create_student, evaluate, load_checkpoint, read_state_dict
 from deitpipe.student.data import EvalImages, eval_items
 

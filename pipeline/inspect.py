@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from deitpipe.shards.manifest import ManifestError, find_stray_files, read_manifest, verify_shards
 from deitpipe.shards import storage
-from deitpipe.shards.reader import decode_sample, iter_tar_samples, sample_schema_version
+from deitpipe.shards.format.manifest import ManifestError, read_manifest
+from deitpipe.shards.format.reader import decode_sample, iter_tar_samples, sample_schema_version
+from deitpipe.shards.format.verify import find_stray_files, verify_shards
 
 
 def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:

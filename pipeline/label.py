@@ -1,19 +1,22 @@
-"""Stage one on Ray: a teacher labels every image's views and the results are packed into shards.
+"""Stage one, orchestrated: check the inputs, the teacher and ``--out`` on the driver, then label
+with a launcher and finish the manifest.
 
-Ray Data runs the work: CPU tasks read, decode and cut the views of each image; an actor pool
-runs the teacher on those crops (one actor per GPU, or one on the CPU); the driver collects the
-small teacher outputs per shard and, as soon as a shard's samples are all labelled, packs its tar
-from the source bytes and the outputs (atomically, in a thread beside the stream). A shard is the
-unit of planning and of resume: complete shards are skipped on a rerun.
+The work itself is ``teacher.labelling``'s, which knows nothing of Ray: chunks of inputs are
+decoded and cut into views, the teacher labels them, and a packer writes each shard as soon as
+its inputs are all labelled. Two launchers run those chunks: ``local`` (this process: threads
+decode ahead of one teacher, no Ray start-up) and ``ray`` (Ray Data: CPU tasks decode, an actor
+pool runs the teacher, one actor per GPU). They give the same shards, byte for byte. A shard is
+the unit of planning and of resume: complete shards are skipped on a rerun.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
-import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import warnings
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,151 +27,26 @@ import numpy as np
 from deitpipe.pipeline.config import LabelConfig
 from deitpipe.pipeline.outdir import check_output_dir, locked, remove_files, temp_leftovers
 from deitpipe.pipeline.progress import Progress
-from deitpipe.pipeline.raysession import quiet_ray_data, ray_session
-from deitpipe.shards import schema, storage
-from deitpipe.shards.image import (
-    DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
-    cut_views,
-    decode_image,
-    sniff_image_type,
-    storable_image,
+from deitpipe.shards import storage
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.image import DEFAULT_MAX_PIXELS
+from deitpipe.shards.format.manifest import read_manifest, write_manifest
+from deitpipe.shards.storage import file_sha256
+from deitpipe.shards.format.plan import assign_shards
+from deitpipe.shards.inputs import Source, resolve_source
+from deitpipe.teacher import TeacherInfo, build_teacher
+from deitpipe.teacher.labelling import (
+    LabelError,
+    ShardPacker,
+    chunk_items,
+    chunk_plan,
+    consume,
+    decode_chunk,
+    inputs_summary,
+    label_local,
 )
-from deitpipe.shards.manifest import file_sha256, read_manifest, write_manifest
-from deitpipe.shards.plan import assign_shards
-from deitpipe.shards.sources import Candidate, Source, read_bytes, resolve_source
-from deitpipe.shards.views import global_box, random_view_boxes
-from deitpipe.shards.writer import ShardFileWriter, encode_sample
-from deitpipe.teacher import Preprocessing, TeacherInfo, TeacherPredictor, build_teacher
 
-
-_OUTPUT_MEMBERS = ("hard", "topk", "prob", "rest", "softmax")
-_READERS = 16  # a shard's source images read at once (ranged GETs, when they lie in object storage)
-
-
-class LabelError(RuntimeError):
-    """A user-facing failure of label-teacher; its message is one line."""
-
-
-def image_views(
-    data: bytes, *, key: str, seed: int, views: int, prep: Preprocessing, min_scale: float = 0.08,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Decode one image and cut its global view plus ``views`` random views at the teacher's size.
-
-    Args:
-        data: the image file's bytes.
-        key: the sample key, which seeds its random views.
-        seed: run seed.
-        views: number of random views V.
-        prep: teacher preprocessing (resize, crop, interpolation).
-        min_scale: smallest crop area of a random view.
-        max_pixels: larger images are refused as decompression bombs.
-    Returns:
-        ``({"height", "width", "box" (V+1, 4), "flip" (V+1,)}, pixels (V+1, 3, S, S) uint8)``.
-    Raises:
-        ImageDecodeError: the bytes are not a decodable image.
-    """
-    img = decode_image(data, max_pixels=max_pixels)
-    width, height = img.size
-    boxes, flips = random_view_boxes(seed=seed, key=key, num_views=views, height=height, width=width,
-                                     scale=(min_scale, 1.0))
-    g = global_box(height=height, width=width, resize=prep.resize, crop=prep.crop)
-    boxes = np.concatenate([np.asarray([g], dtype=schema.BOX_DTYPE), boxes])  # (V+1, 4)
-    flips = np.concatenate([np.zeros(1, dtype=schema.FLIP_DTYPE), flips])  # (V+1,)
-    pixels = cut_views(img, boxes, flips, prep.crop, interpolation=prep.interpolation).numpy()
-    return {"height": height, "width": width, "box": boxes, "flip": flips}, pixels
-
-
-def decode_batch(batch: dict[str, np.ndarray], *, seed: int, views: int, prep: dict[str, Any],
-                 min_scale: float = 0.08, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """Ray Data task: candidates -> view crops. Undecodable images come back with ``ok`` False."""
-    prep_ = Preprocessing.from_dict(prep)
-    n, s = len(batch["index"]), prep_.crop
-    out = {
-        "index": batch["index"], "ok": np.zeros(n, dtype=bool), "reason": np.full(n, "", dtype=object),
-        "height": np.zeros(n, dtype=np.int64), "width": np.zeros(n, dtype=np.int64),
-        "box": np.zeros((n, views + 1, 4), dtype=schema.BOX_DTYPE),
-        "flip": np.zeros((n, views + 1), dtype=schema.FLIP_DTYPE),
-        "pixels": np.zeros((n, views + 1, 3, s, s), dtype=np.uint8),
-    }
-    for i in range(n):
-        cand = _candidate(batch, i)
-        try:
-            geo, pixels = image_views(read_bytes(cand), key=schema.sample_key(int(batch["index"][i])),
-                                      seed=seed, views=views, prep=prep_, min_scale=min_scale,
-                                      max_pixels=max_pixels)
-        except (ImageDecodeError, OSError) as exc:
-            out["reason"][i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            continue
-        out["ok"][i] = True
-        for k in ("height", "width", "box", "flip"):
-            out[k][i] = geo[k]
-        out["pixels"][i] = pixels
-    return out
-
-
-class ViewTeacher:
-    """Ray Data actor: the teacher over all views of a batch of images, (B, V+1, 3, S, S)."""
-
-    def __init__(self, *, cpu_threads: int | None = None, **predictor_kwargs: Any) -> None:
-        if cpu_threads:
-            # A CPU teacher is the heavy stage: let it use the cores the decode tasks leave idle.
-            import torch
-
-            torch.set_num_threads(cpu_threads)
-        self.predictor = TeacherPredictor(**predictor_kwargs)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = batch.pop("pixels")  # (B, V+1, 3, S, S)
-        b, v = pixels.shape[:2]
-        labelled = self.predictor({"pixels": pixels.reshape(b * v, *pixels.shape[2:])})
-        for k in _OUTPUT_MEMBERS:
-            if k in labelled:
-                batch[k] = labelled[k].reshape(b, v, *labelled[k].shape[1:])
-        return batch
-
-
-def _candidate(batch: dict[str, np.ndarray], i: int) -> Candidate:
-    data = batch["data"][i]
-    return Candidate(path=str(batch["path"][i]), label=int(batch["label"][i]), kind=str(batch["kind"][i]),
-                     ref=str(batch["ref"][i]), size=int(batch["size"][i]),
-                     data=bytes(data) if data is not None else None, offset=int(batch["offset"][i]),
-                     length=int(batch["length"][i]))
-
-
-def _items(source: Source, indices: list[int]) -> list[dict[str, Any]]:
-    cands = source.candidates
-    return [{"index": i, "path": cands[i].path, "label": cands[i].label, "kind": cands[i].kind,
-             "ref": cands[i].ref, "size": cands[i].size, "data": cands[i].data, "offset": cands[i].offset,
-             "length": cands[i].length} for i in indices]
-
-
-def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int, source: Source,
-               rows: dict[int, dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    """Write one shard from its labelled rows (index -> row), in its planned order.
-
-    Returns:
-        Its manifest entry; ``first_index`` is the position of its first input in the
-        assignment order (``shards.plan.assign_shards``).
-    """
-    indices = [i for i in order if i in rows]
-    with ShardFileWriter(out_dir, schema.shard_name(shard)) as writer, \
-            ThreadPoolExecutor(max_workers=_READERS) as readers:
-        # Images in object storage are one ranged GET each: many in flight, written in order.
-        for index, data in zip(indices, readers.map(lambda i: read_bytes(source.candidates[i]), indices)):
-            row, cand = rows[index], source.candidates[index]
-            ext = sniff_image_type(data)
-            # Types the schema does not list are stored as PNG of the same pixel grid.
-            image_bytes, ext = (data, ext) if ext else storable_image(data, decode_image(data))
-            views = {"box": row["box"], "flip": row["flip"]}
-            views.update({k: row[k] for k in _OUTPUT_MEMBERS if k in row})
-            writer.write(encode_sample(
-                key=schema.sample_key(index), image_bytes=image_bytes, image_ext=ext, label=cand.label,
-                meta={"path": cand.path, "height": int(row["height"]), "width": int(row["width"])},
-                views=views, num_classes=num_classes,
-            ))
-    return {**writer.record(), "first_index": first_index}
+__all__ = ["LabelError", "input_source", "label_teacher", "resolve_launcher"]
 
 
 def input_source(config: LabelConfig) -> Source:
@@ -179,6 +57,22 @@ def input_source(config: LabelConfig) -> Source:
     split that train-student's and evaluate's ``--val digits:val`` read into the labelled one.
     """
     return resolve_source(config.data, image_size=config.image_size)
+
+
+def resolve_launcher(config: LabelConfig) -> str:
+    """``--launcher``, or its default: Ray where it has more to run on than this process (a
+    cluster named by ``--ray-address``, or several GPUs here), else this process, which starts in
+    no time and needs no Ray."""
+    if config.launcher:
+        return config.launcher
+    if config.ray_address:
+        return "ray"
+    if config.device != "cpu":
+        import torch
+
+        if torch.cuda.device_count() > 1:
+            return "ray"
+    return "local"
 
 
 def label_teacher(config: LabelConfig) -> dict[str, Any]:
@@ -194,14 +88,18 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
     """
     start = time.perf_counter()
     config = config.resolved()  # Ray tasks do not share the driver's working directory
+    launcher = resolve_launcher(config)
+    if launcher == "local" and config.ray_address:
+        raise LabelError("--ray-address names a cluster but --launcher local labels in this process; "
+                         "drop one of them")
     out = config.out  # a local directory or an s3:// prefix
     source = input_source(config)
     if not source.candidates:
         raise LabelError(f"--data {config.data}: no candidate images found")
+    _check_device(config)
     teacher_kwargs = dict(name=config.teacher, weights_path=config.teacher_weights,
                           num_classes=config.num_classes, preprocessing_overrides=_overrides(config))
-    _check_device(config)
-    _, info = build_teacher(**teacher_kwargs)  # fails here, before Ray, on bad weights
+    _, info = build_teacher(**teacher_kwargs)  # fails here, before any work, on bad weights
     if len(source.class_names) > info.num_classes:
         raise LabelError(
             f"--data has {len(source.class_names)} classes but teacher {info.name} has "
@@ -216,8 +114,11 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
         todo = [s for s in range(len(plan)) if schema.shard_name(s) not in done]
         written: list[dict[str, Any]] = []
         if todo:
-            written = _label_shards(config, source, info, plan, todo, manifest, out, teacher_kwargs)
-        manifest["inputs"] = _inputs_summary(source, manifest["shards"])
+            packer = ShardPacker(out=out, plan=plan, todo=todo, source=source, manifest=manifest,
+                                 num_classes=info.num_classes, strict=config.strict)
+            run = _label_ray if launcher == "ray" else _label_here
+            written = run(config, source, info, plan, todo, packer, teacher_kwargs)
+        manifest["inputs"] = inputs_summary(source, manifest["shards"])
         if manifest["inputs"]["labelled"] == 0:  # shards without samples would stall a student
             write_manifest(out, manifest)  # incomplete, with the reasons: train-student names them
             first = manifest["inputs"]["skipped"][:1]
@@ -230,7 +131,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
     labelled = sum(len(plan[s]) for s in todo)
     seconds = time.perf_counter() - start
     return {**manifest, "run": {"shards_written": len(written), "shards_skipped": len(plan) - len(todo),
-                                "seconds": round(seconds, 2),
+                                "launcher": launcher, "seconds": round(seconds, 2),
                                 "images_per_s": round(labelled / seconds, 2) if todo else None}}
 
 
@@ -357,101 +258,134 @@ def _is_complete(out: str) -> bool:
         return False
 
 
-def _inputs_summary(source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:
-    skipped = [{"path": p, "reason": r} for p, r in source.skipped]
-    for entry in shards:
-        skipped += entry.get("skipped", [])
-    labelled = sum(e["samples"] for e in shards)
-    return {"found": len(source.candidates) + len(source.skipped), "labelled": labelled,
-            "skipped": skipped, "ignored": len(source.ignored), "ignored_examples": source.ignored[:20]}
+def _decode_kwargs(config: LabelConfig, info: TeacherInfo) -> dict[str, Any]:
+    return dict(seed=config.seed, views=config.views, prep=info.preprocessing.to_dict(), min_scale=config.min_scale,
+                max_pixels=config.max_pixels if config.max_pixels is not None else DEFAULT_MAX_PIXELS)
 
 
-def _label_shards(config: LabelConfig, source: Source, info: TeacherInfo, plan: list[list[int]],
-                  todo: list[int], manifest: dict[str, Any], out: str,
-                  teacher_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Label the shards in ``todo`` and pack each as soon as it is complete."""
+def _teacher_kwargs(config: LabelConfig, teacher_kwargs: dict[str, Any], device: str) -> dict[str, Any]:
+    return dict(teacher_kwargs, topk=config.topk, full_softmax=config.full_softmax, device=device,
+                batch_size=config.batch_size)
+
+
+def _progress(config: LabelConfig, info: TeacherInfo, total: int, packer: ShardPacker, shards: int) -> tuple:
+    bar = Progress(total, desc=f"label-teacher {info.name}", enabled=config.progress)
+    started = [False]
+
+    def on_batch(n: int) -> None:
+        if not started[0]:
+            bar.begin()  # the rate is labelling's, not the start-up's and the teacher's load
+            started[0] = True
+        bar.update(n, shards=f"{len(packer.manifest['shards'])}/{shards}")
+
+    return bar, on_batch
+
+
+def _label_here(config: LabelConfig, source: Source, info: TeacherInfo, plan: list[list[int]], todo: list[int],
+                packer: ShardPacker, teacher_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The local launcher: this process, no Ray."""
+    import torch
+
+    device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    chunks = chunk_plan(plan, todo, views=config.views, batch_size=config.batch_size)
+    bar, on_batch = _progress(config, info, sum(map(len, chunks)), packer, len(plan))
+    batches = label_local((chunk_items(source, c) for c in chunks), decode=_decode_kwargs(config, info),
+                          teacher=_teacher_kwargs(config, teacher_kwargs, device))
+    try:
+        return consume(batches, packer, on_batch)
+    finally:
+        bar.close()
+
+
+def _label_ray(config: LabelConfig, source: Source, info: TeacherInfo, plan: list[list[int]], todo: list[int],
+               packer: ShardPacker, teacher_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Ray launcher: Ray Data maps the same chunks over a cluster; CPU tasks decode, an actor
+    pool runs the teacher (one actor per GPU, or one on the CPU)."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    shard_of = {i: s for s in todo for i in plan[s]}  # items go in shard order, so shards finish early
-    pending: dict[int, dict[int, dict[str, Any]]] = {s: {} for s in todo}
-    seen = dict.fromkeys(todo, 0)
-    skipped: dict[int, list[dict[str, str]]] = {s: [] for s in todo}
-    written: list[dict[str, Any]] = []
-    futures: list[Future] = []
-    bar = Progress(len(shard_of), desc=f"label-teacher {info.name}", enabled=config.progress)
+    from deitpipe.pipeline.raysession import quiet_ray_data, ray_session
 
-    def collect(block: bool) -> None:
-        for f in [f for f in futures if block or f.done()]:
-            futures.remove(f)
-            entry = f.result()
-            written.append(entry)
-            manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda e: e["first_index"])
-            write_manifest(out, manifest)
-
-    with ray_session(config.ray_address), quiet_ray_data(), ThreadPoolExecutor(max_workers=2) as packer:
-        use_gpu = config.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+    chunks = chunk_plan(plan, todo, views=config.views, batch_size=config.batch_size)
+    bar, on_batch = _progress(config, info, sum(map(len, chunks)), packer, len(plan))
+    with ray_session(config.ray_address), quiet_ray_data():
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = config.device != "cpu" and gpus >= 1
         if config.device == "cuda" and not use_gpu:
             raise LabelError(f"--device cuda: the Ray cluster at {config.ray_address or 'this machine'} has no GPU; "
                              "pass --device cpu (or auto), or add GPU nodes")
-        actors = config.num_actors or (int(ray.cluster_resources()["GPU"]) if use_gpu else 1)
-        v = config.views + 1
-        ds = ray.data.from_items(_items(source, [i for s in todo for i in plan[s]]))
+        actors = config.num_actors or (gpus if use_gpu else 1)
+        # One row per chunk, so that every launcher's teacher sees the same batches.
+        rows = [{"items": _encode_items(chunk_items(source, c))} for c in chunks]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * _cluster_cpus(ray))))
         # Decoding runs in CPU tasks, never inside the teacher actor. Ray Data fuses a task stage
         # into an actor stage with equal resource requests, so on a CPU-only cluster the tasks ask
         # for half a CPU (GPU actors differ by num_gpus anyway).
-        ds = ds.map_batches(decode_batch, batch_size=8, num_cpus=1 if use_gpu else 0.5, fn_kwargs=dict(
-            seed=config.seed, views=config.views, prep=info.preprocessing.to_dict(), min_scale=config.min_scale,
-            max_pixels=config.max_pixels if config.max_pixels is not None else DEFAULT_MAX_PIXELS))
-        ds = ds.map_batches(
-            ViewTeacher, batch_size=max(1, config.batch_size // v), compute=ActorPoolStrategy(size=actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=1,
-            fn_constructor_kwargs=dict(teacher_kwargs, topk=config.topk, full_softmax=config.full_softmax,
-                                       device="cuda" if use_gpu else "cpu", batch_size=config.batch_size,
-                                       cpu_threads=None if use_gpu else _local_cpus()))
+        ds = ds.map_batches(_ray_decode, batch_size=1, num_cpus=1 if use_gpu else 0.5,
+                            fn_kwargs=dict(decode=_decode_kwargs(config, info)))
+        # The teacher's settings travel inside its class, not as constructor arguments: Ray keeps
+        # those in the object store and warns about it on every run.
+        teacher_cls = _ray_teacher_class(dict(_teacher_kwargs(config, teacher_kwargs, "cuda" if use_gpu else "cpu"),
+                                              cpu_threads=None if use_gpu else _local_cpus()))
+        # On a cluster, Ray Data restarts a teacher actor whose node is lost. On one machine a
+        # lost node is the whole run, and restarts only make Ray warn, on every run, about its own
+        # constructor arguments (ray-project/ray#57733): none there.
+        # (Ray 2.60 marks this argument for removal in 2.64 and offers no other way to say it yet.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.* is deprecated")
+            ds = ds.map_batches(teacher_cls, batch_size=1, compute=ActorPoolStrategy(size=actors),
+                                num_gpus=1 if use_gpu else 0, num_cpus=1,
+                                ray_remote_args_fn=None if config.ray_address else _no_restarts)
         try:
-            for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
-                if n == 0:
-                    bar.begin()  # the rate is labelling's, not Ray's start-up and the teacher's load
-                for i, index in enumerate(batch["index"].tolist()):
-                    s = shard_of[index]
-                    seen[s] += 1
-                    if batch["ok"][i]:
-                        pending[s][index] = {k: batch[k][i] for k in batch if k not in ("index", "ok", "reason")}
-                    else:
-                        reason = str(batch["reason"][i])
-                        path = source.candidates[index].path
-                        if config.strict:
-                            raise LabelError(f"{path}: {reason} (--strict stops at the first undecodable input)")
-                        skipped[s].append({"path": path, "reason": reason})
-                    if seen[s] == len(plan[s]):
-                        futures.append(packer.submit(_pack, out=out, shard=s, plan=plan, source=source,
-                                                     rows=pending.pop(s), skipped=skipped[s],
-                                                     num_classes=info.num_classes))
-                bar.update(len(batch["index"]), shards=f"{len(manifest['shards'])}/{len(plan)}")
-                collect(block=False)
+            batches = (b for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+            return consume(batches, packer, on_batch)
         finally:
-            collect(block=True)  # shards already being packed land before any error surfaces
             bar.close()
-    return written
 
 
-def _pack(*, out: str, shard: int, plan: list[list[int]], source: Source, rows: dict[int, dict[str, Any]],
-          skipped: list[dict[str, str]], num_classes: int) -> dict[str, Any]:
-    """Pack one shard into ``out``; into object storage, it is packed in a local temporary
-    directory and uploaded whole (``storage.upload``) before the manifest lists it."""
-    first = sum(len(p) for p in plan[:shard])
-    pack = dict(shard=shard, order=plan[shard], first_index=first, source=source, rows=rows, num_classes=num_classes)
-    if storage.is_object_uri(out):
-        with tempfile.TemporaryDirectory(prefix="deitpipe-shard-") as staging:
-            entry = pack_shard(out_dir=Path(staging), **pack)
-            storage.upload(Path(staging) / entry["name"], storage.join(out, entry["name"]))
-    else:
-        entry = pack_shard(out_dir=Path(out), **pack)
-    return {**entry, "candidates": len(plan[shard]), "skipped": skipped}
+def _encode_items(items: list[dict[str, Any]]) -> str:
+    """A chunk's items as one JSON string (in-memory image bytes as base64): one plain column."""
+    return json.dumps([{**it, "data": None if it["data"] is None else base64.b64encode(it["data"]).decode("ascii")}
+                       for it in items])
+
+
+def _decode_items(text: str) -> list[dict[str, Any]]:
+    return [{**it, "data": None if it["data"] is None else base64.b64decode(it["data"])} for it in json.loads(text)]
+
+
+def _ray_decode(batch: dict[str, Any], *, decode: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data task: one chunk row -> one row holding the chunk's decoded views (each column
+    with a leading axis of 1), so that the teacher's batch is the whole chunk, as in every launcher."""
+    (text,) = batch["items"]
+    chunk = decode_chunk(_decode_items(str(text)), **decode)
+    row = {k: v[None] for k, v in chunk.items() if k != "reason"}
+    row["reason"] = np.asarray([json.dumps([str(r) for r in chunk["reason"]])])
+    return row
+
+
+def _ray_teacher_class(kwargs: dict[str, Any]) -> type:
+    """:class:`ViewTeacher` for a Ray Data actor pool over chunk rows, its arguments bound in the class."""
+    from deitpipe.teacher.labelling import ViewTeacher
+
+    class _Teacher(ViewTeacher):
+        def __init__(self) -> None:
+            super().__init__(**kwargs)
+
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            chunk = {k: v[0] for k, v in batch.items() if k != "reason"}
+            chunk["reason"] = np.asarray(json.loads(str(batch["reason"][0])), dtype=object)
+            return super().__call__(chunk)  # one row per image
+
+    return _Teacher
+
+
+def _no_restarts() -> dict[str, Any]:
+    return {"max_restarts": 0}
+
+
+def _cluster_cpus(ray: Any) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _local_cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

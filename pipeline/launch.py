@@ -59,7 +59,7 @@ def _local(config: TrainConfig, *, info, mode, out, prepare) -> None:
     if config.num_workers != 1:
         raise TrainError(f"--launcher local runs one worker, got --num-workers {config.num_workers}; "
                          "use --launcher torchrun or ray for more")
-    device = _device(config.use_gpu, 0)
+    device = _device(config.device, 0)
     cpus = config.cpus_per_worker or len(os.sched_getaffinity(0))
     with locked(out, command="deitpipe train-student"):
         prepare()
@@ -78,7 +78,7 @@ def _torchrun(config: TrainConfig, *, info, mode, out, prepare) -> None:
     except KeyError:
         raise TrainError("--launcher torchrun: RANK, WORLD_SIZE and LOCAL_RANK are not set; start it as "
                          "'torchrun --nproc-per-node N -m deitpipe train-student --launcher torchrun ...'") from None
-    device = _device(config.use_gpu, local)
+    device = _device(config.device, local)
     cpus = config.cpus_per_worker or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get(
         "LOCAL_WORLD_SIZE", world)))
     started_here = not dist.is_initialized()
@@ -131,11 +131,12 @@ def _prepared_on_rank_zero(rank: int, device: torch.device, prepare: Callable[[]
         raise TrainError("rank 0 could not prepare the run directory; its error is in its output")
 
 
-def _device(use_gpu: bool, local_rank: int) -> torch.device:
-    if not use_gpu:
+def _device(device: str, local_rank: int) -> torch.device:
+    """``--device`` for this process: auto takes its GPU where it sees one."""
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise TrainError("--use-gpu: no CUDA device is visible to this process")
+        raise TrainError("--device cuda: no CUDA device is visible to this process; pass --device cpu or auto")
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
@@ -150,11 +151,16 @@ def _ray(config: TrainConfig, *, info, mode, out, prepare) -> None:
     with locked(out, command="deitpipe train-student"), ray_session(config.ray_address):
         prepare()
         cpus = config.cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // config.num_workers)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if config.device == "cuda" and gpus < config.num_workers:
+            raise TrainError(f"--device cuda: {config.num_workers} workers need a GPU each, the Ray cluster has {gpus}; "
+                             "pass --device cpu or auto, or fewer --num-workers")
+        use_gpu = config.device == "cuda" or (config.device == "auto" and gpus >= config.num_workers)
         board = progress_board()
         trainer = TorchTrainer(
             ray_worker, train_loop_config={"config": asdict(config), "info": info, "mode": mode, "out": str(out),
                                            "cpus": cpus, "board": board},
-            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cpus}),
             run_config=ray.train.RunConfig(
                 name="ray", **_ray_storage(out), failure_config=ray.train.FailureConfig(max_failures=2),

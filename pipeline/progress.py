@@ -1,7 +1,7 @@
 """Progress for long stages: a tqdm bar on a terminal, periodic status lines elsewhere.
 
 Lines, not a bar, where stderr is no terminal, as in a log file. Ray Train workers post their
-progress to the driver (``pipeline.train.follow``), which shows it here.
+progress to the driver (``pipeline.launch.follow``), which shows it here.
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ from deitpipe import __version__
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.launch import TrainError, launch
 from deitpipe.pipeline.outdir import check_output_dir, remove_files, remove_ray_storage, temp_leftovers
-from deitpipe.shards import schema, storage
-from deitpipe.shards.manifest import read_manifest_digest, write_json_atomic
-from deitpipe.shards.reader import expand_urls, is_object_dir, is_remote, shard_name
+from deitpipe.shards import storage
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import read_manifest_digest, write_json_atomic
+from deitpipe.shards.format.reader import expand_urls, is_object_dir, is_remote, shard_name
 from deitpipe.student import create_student, load_checkpoint
 from deitpipe.student.data import eval_items
 from deitpipe.student.trainer import (
@@ -31,6 +32,7 @@ from deitpipe.student.trainer import (
     heads_differ,
     load_state,
     ray_checkpoint_files,
+    read_metrics,
 )
 
 __all__ = ["TrainError", "shard_info", "teacher_labels_mode", "train_student", "check_inputs"]
@@ -109,9 +111,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     launch(config, info=info, mode=mode, out=out,
            prepare=lambda: _prepare_out(out, config, num_classes=info["num_classes"], manifest=info["manifest"],
                                         manifest_sha256=info["manifest_sha256"]))
-    metrics_file = storage.join(out, "metrics.jsonl")
-    lines = storage.read_bytes(metrics_file).decode().splitlines() if storage.is_file(metrics_file) else []
-    metrics = [json.loads(line) for line in lines if line]
+    metrics = read_metrics(storage.join(out, "metrics.jsonl"))
     return {"out": out, "student": storage.join(out, "student.pt"), "epochs_done": len(metrics),
             "last": metrics[-1] if metrics else {}}
 

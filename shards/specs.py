@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from deitpipe.shards.schema import MANIFEST_NAME
+from deitpipe.shards.format.schema import MANIFEST_NAME
 
 # Inputs named by the data set rather than by a path.
 NAMED_DATA = frozenset(f"{name}{part}" for name in ("digits", "cluttered-digits") for part in ("", ":train", ":val"))

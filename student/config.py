@@ -81,7 +81,10 @@ class TrainConfig:
                            "--nproc-per-node N -m deitpipe train-student --launcher torchrun ...'; ray: Ray Train "
                            "workers.", choices=("local", "torchrun", "ray"))
     num_workers: int = option(1, "Ray Train workers (one per GPU); torchrun sets its own, local runs one.", low=1)
-    use_gpu: bool = option(False, "Train on GPUs (NCCL); default CPU (gloo).")
+    device: str = option("auto", "Where the workers train: auto (the GPU where the workers have one, else the "
+                         "CPU), cpu (gloo), or cuda (NCCL; an error where there is none).",
+                         choices=("auto", "cpu", "cuda"))
+    use_gpu: bool = option(False, "Same as --device cuda.")
     cpus_per_worker: int | None = option(None, "CPUs per worker (default: all / workers).", low=1)
     loader_workers: int | None = option(None, "DataLoader processes per worker (default: none on CPUs, the "
                                         "worker's CPUs - 1 with a GPU).", low=0)
@@ -98,6 +101,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.use_gpu:
+            if self.device == "cpu":
+                raise ValueError("--use-gpu and --device cpu contradict each other; pass one")
+            object.__setattr__(self, "device", "cuda")
         if self.warmup_epochs is None:  # DeiT's 5, or a tenth of a shorter run
             object.__setattr__(self, "warmup_epochs", min(5.0, self.epochs / 10))
         if self.warmup_epochs > self.epochs:

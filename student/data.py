@@ -1,11 +1,11 @@
 """Stage two's input: replay the teacher's stored views from the shards, then the DeiT recipe.
 
-Each epoch a rank reads its shards (``shards.plan.epoch_shard_order``, a pure function of seed,
-epoch, rank and world size), shuffles each shard's samples (``epoch_sample_order``), and for every
-sample cuts one stored view (``epoch_view_index``) with the same function the teacher's views were
-cut with (``shards.image.cut_view``). The distillation target is that view's stored distribution,
-so the label matches the pixels. Every rank yields exactly ``steps_per_epoch`` full batches, so
-DDP ranks stay in step.
+Each epoch a rank reads its shards (``shards.format.plan.epoch_shard_order``, a pure function of
+seed, epoch, rank and world size), shuffles each shard's samples (``epoch_sample_order``), and for
+every sample cuts one stored view (``epoch_view_index``) with the same function the teacher's
+views were cut with (``shards.format.image.cut_view``). The distillation target is that view's
+stored distribution, so the label matches the pixels. Every rank yields exactly
+``steps_per_epoch`` full batches, so DDP ranks stay in step.
 
 Teacher-label modes:
     views:  replay a stored view and its label (default when the shards have views).
@@ -32,7 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from deitpipe.shards.image import (
+from deitpipe.shards.format.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDecodeError,
@@ -41,12 +41,12 @@ from deitpipe.shards.image import (
     eval_crop_pct,
     eval_resize,
 )
-from deitpipe.shards.manifest import read_manifest
-from deitpipe.shards.plan import epoch_sample_order, epoch_shard_order
-from deitpipe.shards.reader import decode_sample, expand_urls, read_shard, shard_name, teacher_distribution
-from deitpipe.shards.sources import read_bytes, resolve_source
+from deitpipe.shards.format.manifest import read_manifest
+from deitpipe.shards.format.plan import epoch_sample_order, epoch_shard_order
+from deitpipe.shards.format.reader import decode_sample, expand_urls, read_shard, shard_name, teacher_distribution
+from deitpipe.shards.format.views import epoch_view_index, global_box, random_view_boxes
+from deitpipe.shards.inputs import read_bytes, resolve_source
 from deitpipe.shards.specs import is_shard_set
-from deitpipe.shards.views import epoch_view_index, global_box, random_view_boxes
 
 TEACHER_LABELS = ("views", "global", "none")
 _FRESH_CROP_TAG = 0x5EED  # separates fresh-crop draws from the stored views' seeds
@@ -164,7 +164,7 @@ class ShardReplay(IterableDataset):
         interpolation: resize interpolation of the crop.
         min_scale: smallest crop area of the fresh crops in "global" and "none" modes.
         checksums: shard URL -> the manifest's sha256; each shard is checked as it is read, and a
-            changed one stops the run (``shards.reader.ShardChangedError``).
+            changed one stops the run (``shards.format.reader.ShardChangedError``).
     """
 
     def __init__(self, *, urls: list[str], num_classes: int, num_views: int, teacher_labels: str,
@@ -266,7 +266,7 @@ class EvalImages(torch.utils.data.Dataset):
             optional path names the image in errors and in skip reports.
         img_size: the student's input size.
         crop_pct: centre-crop fraction; the image is first resized to ``img_size / crop_pct``
-            on its shorter side. None: ``shards.image.eval_crop_pct(img_size)``, DeiT's 0.875
+            on its shorter side. None: ``shards.format.image.eval_crop_pct(img_size)``, DeiT's 0.875
             from 128 px on and 1.0 (no border cut) for smaller images.
         mean, std: normalisation.
         interpolation: resize interpolation.
@@ -361,6 +361,6 @@ def eval_items(spec: str, *, image_size: int = 32, seed: int = 0) -> tuple[list,
             for c in source.candidates], source.class_names
 
 
-# IMAGENET_MEAN and IMAGENET_STD are re-exported from shards.image, where they are defined.
+# IMAGENET_MEAN and IMAGENET_STD are re-exported from shards.format.image, where they are defined.
 __all__ = ["Augment", "ShardReplay", "EvalImages", "eval_items", "steps_per_epoch", "TEACHER_LABELS",
            "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from timm.data.auto_augment import rand_augment_choices
 
-from deitpipe.shards.image import IMAGENET_MEAN, IMAGENET_STD
+from deitpipe.shards.format.image import IMAGENET_MEAN, IMAGENET_STD
 
 LEVELS = 10.0  # timm's _LEVEL_DENOM: levels are in 0..10
 TRANSLATE_PCT = 0.45  # timm's default translate_pct for TranslateX/YRel

@@ -9,7 +9,7 @@ every view in one batched resampling; ``student.gpu_augment.BatchAugment`` then 
 augmentation to the whole batch. :class:`DeviceBatches` chains the three per step and, on CUDA,
 prepares the next batch on a side stream while the current one trains.
 
-The cut reproduces ``shards.image.cut_view`` (crop, antialiased bilinear resize, flip) value
+The cut reproduces ``shards.format.image.cut_view`` (crop, antialiased bilinear resize, flip) value
 for value: the resize is written as two matrices per sample, one per axis, holding the
 triangle-filter weights of torchvision's uint8 antialiased resize in its fixed point, so
 ``rows @ image @ columns^T`` is that resize for the whole padded batch in two batched matmuls,
@@ -35,8 +35,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from deitpipe.shards.image import DEFAULT_MAX_PIXELS, ImageDecodeError, cut_view, decode_image
-from deitpipe.shards.reader import teacher_distribution
+from deitpipe.shards.format.image import DEFAULT_MAX_PIXELS, ImageDecodeError, cut_view, decode_image
+from deitpipe.shards.format.reader import teacher_distribution
 from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.student.gpu_augment import BatchAugment, augment_generator
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deitpipe.shards.conventions import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, LARGE_INPUT, eval_resize
 from deitpipe.common.options import option
+from deitpipe.shards.format.conventions import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, LARGE_INPUT, eval_resize
 
 if TYPE_CHECKING:
     from deitpipe.teacher.preprocess import Preprocessing

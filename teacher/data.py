@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from deitpipe.shards.image import ImageDecodeError, decode_image
-from deitpipe.shards.sources import Source, read_bytes
+from deitpipe.shards.format.image import ImageDecodeError, decode_image
+from deitpipe.shards.inputs import Source, read_bytes
 from deitpipe.teacher.preprocess import Preprocessing
 
 

@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 from deitpipe.common.weights import read_state_dict
-from deitpipe.shards.manifest import file_sha256
+from deitpipe.shards.storage import file_sha256
 from deitpipe.teacher.preprocess import (
     Preprocessing,
     check_teacher_name,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from deitpipe.common.optim import bf16_autocast
-from deitpipe.shards.schema import class_dtype
+from deitpipe.shards.format.schema import class_dtype
 from deitpipe.teacher.models import build_teacher
 from deitpipe.teacher.preprocess import Preprocessing, normalize
 

@@ -26,8 +26,12 @@ import torch
 import torchvision
 
 from deitpipe import __version__
-from deitpipe.shards.atomic import atomic_writer
-from deitpipe.shards.conventions import INTERPOLATIONS, IMAGENET_MEAN, IMAGENET_STD  # re-exported: defined once there
+from deitpipe.shards.format.conventions import (  # re-exported: defined once there
+    INTERPOLATIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+)
+from deitpipe.shards.storage.atomic import atomic_writer
 
 
 # Sidecar keys that may carry the crop size; "input_size" is what timm-style tools write.
@@ -265,7 +269,7 @@ def _check_sidecar_target(weights_path: str | os.PathLike, *, fix: str) -> None:
 
 
 def write_sidecar(weights_path: str | os.PathLike, data: Mapping[str, Any]) -> Path:
-    """Write the sidecar of a weights file atomically and durably (``shards.atomic``).
+    """Write the sidecar of a weights file atomically and durably (``shards.storage.atomic``).
 
     The sidecar carries the ``written_by`` marker; an existing sidecar is replaced only when it
     is deitpipe's (:func:`check_weights_out`).

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from deitpipe.common.optim import bf16_autocast, build_optimizer, build_scheduler
-from deitpipe.shards.atomic import atomic_writer
-from deitpipe.shards.sources import Source, resolve_source
+from deitpipe.shards.inputs import Source, resolve_source
+from deitpipe.shards.storage.atomic import atomic_writer
 from deitpipe.teacher.config import OPTIMIZER_DEFAULTS, SGD_MOMENTUM, TeacherTrainConfig  # noqa: F401 (re-exported)
 from deitpipe.teacher.data import SourceImages, eval_transform, train_transform
 from deitpipe.teacher.models import _arch_kwargs, build_teacher
@@ -184,8 +184,8 @@ def save_teacher(model: nn.Module, path: str | os.PathLike, sidecar: dict[str, A
 
     Order: the check that neither file replaces something deitpipe did not write
     (:func:`~deitpipe.teacher.preprocess.check_weights_out`), weights to a temporary file, the
-    sidecar, then the rename (``shards.atomic``). A failure leaves no partial or temporary file,
-    and never new weights without the sidecar that describes them.
+    sidecar, then the rename (``shards.storage.atomic``). A failure leaves no partial or temporary
+    file, and never new weights without the sidecar that describes them.
 
     Args:
         model: the trained model (tensors are saved from the CPU, so the file loads anywhere).

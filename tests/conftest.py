@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from deitpipe.shards import schema
-from deitpipe.shards.manifest import write_manifest
-from deitpipe.shards.plan import plan_shards
-from deitpipe.shards.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import write_manifest
+from deitpipe.shards.format.plan import plan_shards
+from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

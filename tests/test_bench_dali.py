@@ -26,8 +26,8 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from deitpipe.shards.image import cut_view, decode_image  # noqa: E402
-from deitpipe.shards.views import random_view_boxes  # noqa: E402
+from deitpipe.shards.format.image import cut_view, decode_image  # noqa: E402
+from deitpipe.shards.format.views import random_view_boxes  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SIZE = 40  # views of 40 px: the small images below are both shrunk and enlarged

@@ -16,8 +16,9 @@ from click.testing import CliRunner
 from conftest import write_digit_folder, write_shard_set, write_teacher
 from deitpipe.pipeline.cli import main
 from deitpipe.pipeline.outdir import LOCK_NAME, OutputError, locked
-from deitpipe.shards import schema, storage
-from deitpipe.shards.reader import ShardChangedError, decode_sample, read_shard
+from deitpipe.shards import storage
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.reader import ShardChangedError, decode_sample, read_shard
 from deitpipe.student.data import ShardReplay
 from deitpipe.student.gpu_replay import EncodedShardReplay
 

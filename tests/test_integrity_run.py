@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deitpipe.shards import atomic
+from deitpipe.shards.storage import atomic
 from deitpipe.student.trainer import (
     CheckpointWriteError,
     FileCheckpoints,

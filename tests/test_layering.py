@@ -4,6 +4,7 @@ when it is imported form no cycle.
 
 The house: ``shards/`` and ``common/`` at the bottom, ``teacher/`` and ``student/`` on them and
 never on each other, ``pipeline/`` on top; only ``pipeline/`` imports Ray, nothing imports it.
+Inside ``shards/``: ``storage/`` under ``format/`` under ``inputs/``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,15 @@ def test_each_layer_imports_only_the_layers_below_it(folder, forbidden):
     assert violations(folder, forbidden) == []
 
 
+@pytest.mark.parametrize(("folder", "forbidden"), [
+    ("shards/storage", ("deitpipe.shards.format", "deitpipe.shards.inputs")),
+    ("shards/format", ("deitpipe.shards.inputs",)),
+])
+def test_the_shards_rooms_stand_on_each_other_one_way(folder, forbidden):
+    # storage knows bytes, the format knows shards, the inputs may use both.
+    assert violations(folder, forbidden) == []
+
+
 @pytest.mark.parametrize("folder", ["teacher", "student", "shards", "common"])
 def test_only_pipeline_imports_ray(folder):
     assert violations(folder, ("ray",)) == []
@@ -216,6 +226,12 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_module_level_imports_form_no_cycle():
     assert cycles(module_graph(top_level=True)) == []
+
+
+def test_the_shards_modules_import_each_other_one_way_even_inside_functions():
+    graph = {m: {t for t in targets if _in(t, "deitpipe.shards")}
+             for m, targets in module_graph(top_level=False).items() if _in(m, "deitpipe.shards")}
+    assert cycles(graph) == []
 
 
 def test_shared_names_are_the_same_objects_under_both_names():

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from deitpipe import __version__
 from deitpipe.pipeline.cli import main
-from deitpipe.shards import schema
-from deitpipe.shards.manifest import write_manifest
-from deitpipe.shards.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import write_manifest
+from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
 
 
 def _run(*args):

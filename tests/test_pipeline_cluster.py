@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from conftest import RecordingBar, write_digit_folder, write_shard_set, write_teacher
-from deitpipe.shards import schema
-from deitpipe.shards.reader import iter_samples
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.reader import iter_samples
 
 ray = pytest.importorskip("ray")
 pytestmark = [

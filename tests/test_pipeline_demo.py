@@ -6,7 +6,7 @@ import pytest
 
 from deitpipe.pipeline.config import DEMO_DEFAULTS, DemoConfig
 from deitpipe.pipeline.demo import _check_same_data, format_results, student_config
-from deitpipe.shards.sources import digits_image_folder
+from deitpipe.shards.inputs.embedded import digits_image_folder
 
 
 def test_demo_runs_on_cluttered_digits_by_default_with_its_settings():

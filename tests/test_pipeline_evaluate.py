@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 
 from deitpipe.pipeline.cli import main
-from deitpipe.shards.image import ImageDecodeError
+from deitpipe.shards.format.image import ImageDecodeError
 from deitpipe.student import create_student, read_state_dict
 from deitpipe.student.data import EvalImages, eval_items
 

@@ -15,10 +15,10 @@ from PIL import Image
 from deitpipe.pipeline.config import LabelConfig
 from deitpipe.pipeline.label import LabelError, label_teacher
 from deitpipe.pipeline.outdir import LOCK_NAME
-from deitpipe.shards import schema
-from deitpipe.shards.image import cut_view, decode_image
-from deitpipe.shards.manifest import verify_shards
-from deitpipe.shards.reader import iter_samples
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.image import cut_view, decode_image
+from deitpipe.shards.format.reader import iter_samples
+from deitpipe.shards.format.verify import verify_shards
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -177,7 +177,7 @@ def _labelled_with_its_teacher(tmp_path: Path, data: Path) -> tuple[Path, torch.
 
 def test_student_replay_agrees_with_the_teacher_on_its_views(tmp_path):
     """The student's loader cuts the stored view; the teacher on that crop gives the stored label."""
-    from deitpipe.shards.reader import expand_urls
+    from deitpipe.shards.format.reader import expand_urls
     from deitpipe.student.data import Augment, ShardReplay
 
     out, model = _labelled_with_its_teacher(tmp_path, _digit_folder(tmp_path / "digits", n=16))
@@ -242,7 +242,7 @@ def test_ray_data_chatter_is_quiet_inside_and_restored_after():
 def test_the_batched_replay_path_agrees_with_the_teacher_on_its_views(tmp_path):
     """--loader gpu, on the CPU device: JPEG views decoded and cut for the whole batch in the
     training process carry the label the teacher gave them (the issue's 99.5 %)."""
-    from deitpipe.shards.reader import expand_urls
+    from deitpipe.shards.format.reader import expand_urls
     from deitpipe.student.gpu_replay import DeviceBatches, EncodedShardReplay, collate
 
     data = tmp_path / "digits"
@@ -271,7 +271,7 @@ def test_the_batched_replay_path_agrees_with_the_teacher_on_its_views(tmp_path):
 
 def test_the_seed_moves_views_never_the_named_split():
     from deitpipe.pipeline.label import input_source
-    from deitpipe.shards.sources import resolve_source
+    from deitpipe.shards.inputs import resolve_source
 
     held_out = {c.ref for c in resolve_source("digits:val").candidates}  # what --val digits:val reads
     for data in ("digits:train", "cluttered-digits:train"):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import write_digit_folder, write_teacher
 from deitpipe.pipeline.cli import main
 from deitpipe.pipeline.config import LabelConfig, TrainConfig, absolute_spec
-from deitpipe.shards import schema
+from deitpipe.shards.format import schema
 
 
 def _run(*args):

@@ -16,7 +16,7 @@ from deitpipe.pipeline.cli import main
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.outdir import LOCK_NAME, OutputError, locked
 from deitpipe.pipeline.train import RUN_MARKER, TrainError, _prepare_out
-from deitpipe.shards import schema
+from deitpipe.shards.format import schema
 from deitpipe.student.data import Augment, ShardReplay
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
@@ -114,7 +114,7 @@ def test_shards_without_samples_are_refused_before_training(tmp_path):
 
 
 def test_replay_of_empty_shards_stops_instead_of_cycling(tmp_path):
-    from deitpipe.shards.writer import ShardFileWriter
+    from deitpipe.shards.format.writer import ShardFileWriter
 
     shards = tmp_path / "shards"
     with ShardFileWriter(shards, schema.shard_name(0)):  # a complete shard with no samples
@@ -224,23 +224,19 @@ def test_label_teacher_that_labels_nothing_fails_and_leaves_the_manifest_incompl
 
 
 def test_images_over_max_pixels_are_skipped_with_their_reason(tmp_path):
-    from deitpipe.pipeline.label import decode_batch
     from deitpipe.teacher import Preprocessing
+    from deitpipe.teacher.labelling import decode_chunk
 
     ok, big = tmp_path / "ok.png", tmp_path / "big.png"
     Image.new("RGB", (16, 16), (10, 20, 30)).save(ok)
     Image.new("1", (400, 300)).save(big)  # a few hundred bytes on disk, 120,000 pixels decoded
-    n = 2
-    batch = {"index": np.arange(n), "path": np.array([str(ok), str(big)], dtype=object),
-             "label": np.zeros(n, dtype=np.int64), "kind": np.array(["file"] * n, dtype=object),
-             "ref": np.array([str(ok), str(big)], dtype=object), "size": np.zeros(n, dtype=np.int64),
-             "data": np.array([None, None], dtype=object), "offset": np.zeros(n, dtype=np.int64),
-             "length": np.zeros(n, dtype=np.int64)}
+    items = [{"index": i, "path": str(p), "label": 0, "kind": "file", "ref": str(p), "size": 0, "data": None,
+              "offset": 0, "length": 0} for i, p in enumerate((ok, big))]
     prep = Preprocessing(resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear")
-    out = decode_batch(batch, seed=0, views=1, prep=prep.to_dict(), max_pixels=100_000)
+    out = decode_chunk(items, seed=0, views=1, prep=prep.to_dict(), max_pixels=100_000)
     assert out["ok"].tolist() == [True, False]
     assert out["reason"][1].startswith("decompression bomb") and "100000" in out["reason"][1]
-    assert decode_batch(batch, seed=0, views=1, prep=prep.to_dict(), max_pixels=200_000)["ok"].all()
+    assert decode_chunk(items, seed=0, views=1, prep=prep.to_dict(), max_pixels=200_000)["ok"].all()
 
 
 def test_rays_token_is_made_owner_only(tmp_path):

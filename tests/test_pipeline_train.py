@@ -12,7 +12,7 @@ from conftest import RecordingBar, write_shard_set
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.evaluate import evaluate_student
 from deitpipe.pipeline.train import TrainError, shard_info, train_student
-from deitpipe.shards import schema
+from deitpipe.shards.format import schema
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray

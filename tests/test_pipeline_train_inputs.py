@@ -10,9 +10,9 @@ import torch
 
 from conftest import write_shard_set
 from deitpipe.pipeline.train import TrainError, _manifest_beside, shard_info
-from deitpipe.shards import schema
-from deitpipe.shards.manifest import ManifestError, read_manifest
-from deitpipe.shards.reader import shard_name
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import ManifestError, read_manifest
+from deitpipe.shards.format.reader import shard_name
 from deitpipe.student.data import Augment, ShardReplay
 
 

@@ -9,9 +9,9 @@ import stat
 
 import pytest
 
-from deitpipe.shards.atomic import atomic_write_bytes, atomic_writer, fsync_dir
-from deitpipe.shards.manifest import write_json_atomic, write_manifest
-from deitpipe.shards.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.format.manifest import write_json_atomic, write_manifest
+from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.storage.atomic import atomic_write_bytes, atomic_writer, fsync_dir
 
 
 @pytest.fixture()

@@ -7,16 +7,9 @@ import pytest
 from PIL import Image
 
 from deitpipe.pipeline.config import LabelConfig
-from deitpipe.shards import cluttered
-from deitpipe.shards.cluttered import CANVAS, DIGIT, cluttered_canvas, upscale_all
-from deitpipe.shards.sources import (
-    _digits,
-    digits_image_folder,
-    digits_split,
-    read_bytes,
-    render_digit,
-    resolve_source,
-)
+from deitpipe.shards.inputs import cluttered, read_bytes, resolve_source
+from deitpipe.shards.inputs.cluttered import CANVAS, DIGIT, cluttered_canvas, upscale_all
+from deitpipe.shards.inputs.embedded import _digits, digits_image_folder, digits_split, render_digit
 from deitpipe.shards.specs import NAMED_DATA, absolute_spec
 from deitpipe.student.data import eval_items
 

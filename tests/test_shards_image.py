@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from deitpipe.shards.image import (
+from deitpipe.shards.format.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageDecodeError,
@@ -19,7 +19,7 @@ from deitpipe.shards.image import (
     sniff_image_type,
     storable_image,
 )
-from deitpipe.shards.views import global_box
+from deitpipe.shards.format.views import global_box
 
 
 @pytest.mark.parametrize(

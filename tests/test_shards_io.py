@@ -8,17 +8,18 @@ import tarfile
 import numpy as np
 import pytest
 
-from deitpipe.shards import schema
-from deitpipe.shards.manifest import (
-    ManifestError,
-    file_sha256,
-    find_stray_files,
-    read_manifest,
-    verify_shards,
-    write_manifest,
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import ManifestError, read_manifest, write_manifest
+from deitpipe.shards.format.reader import (
+    decode_sample,
+    expand_urls,
+    iter_samples,
+    iter_tar_samples,
+    teacher_distribution,
 )
-from deitpipe.shards.reader import decode_sample, expand_urls, iter_samples, iter_tar_samples, teacher_distribution
-from deitpipe.shards.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.format.verify import find_stray_files, verify_shards
+from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.storage import file_sha256
 
 
 @pytest.mark.parametrize("version", [2, 1])
@@ -196,7 +197,7 @@ def test_shards_md_example_runs(shard_set, capsys):
 def test_load_npy_reads_repeated_headers_exactly_and_never_unpickles():
     import io
 
-    from deitpipe.shards.reader import load_npy
+    from deitpipe.shards.format.reader import load_npy
 
     def npy(a):
         buf = io.BytesIO()
@@ -219,12 +220,13 @@ def test_load_npy_reads_repeated_headers_exactly_and_never_unpickles():
 
 
 def test_read_shard_splits_our_shards_itself_and_matches_webdataset(shard_set, tmp_path):
-    from deitpipe.shards.reader import _split_ustar, read_shard
+    from deitpipe.shards.format.reader import read_shard
+    from deitpipe.shards.format.tarsamples import split_ustar
 
     out, _ = shard_set
     for url in expand_urls(str(out)):
         data = open(url, "rb").read()
-        assert _split_ustar(data, url) is not None  # the fast path, not the fallback
+        assert split_ustar(data, url) is not None  # the fast path, not the fallback
         assert read_shard(url) == list(iter_tar_samples(url))
         assert read_shard(f"pipe:cat {url}") == list(iter_tar_samples(f"pipe:cat {url}"))
 
@@ -233,7 +235,8 @@ def test_read_shard_splits_our_shards_itself_and_matches_webdataset(shard_set, t
 def test_read_shard_reads_other_tars_through_webdataset(tmp_path, fmt):
     import io
 
-    from deitpipe.shards.reader import _split_ustar, read_shard
+    from deitpipe.shards.format.reader import read_shard
+    from deitpipe.shards.format.tarsamples import split_ustar
 
     path = tmp_path / "other.tar"
     long_key = "k" * 120  # longer than a ustar name field
@@ -243,14 +246,14 @@ def test_read_shard_reads_other_tars_through_webdataset(tmp_path, fmt):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    assert _split_ustar(path.read_bytes(), str(path)) is None
+    assert split_ustar(path.read_bytes(), str(path)) is None
     samples = read_shard(str(path))
     assert samples == list(iter_tar_samples(str(path)))
     assert [s["__key__"] for s in samples] == ["a", long_key]
 
 
 def test_read_shard_of_a_truncated_shard_raises(shard_set, tmp_path):
-    from deitpipe.shards.reader import read_shard
+    from deitpipe.shards.format.reader import read_shard
 
     out, _ = shard_set
     url = expand_urls(str(out))[0]
@@ -277,7 +280,7 @@ def _npy_declaring(shape, dtype="<f4", payload=b"\0" * 8):
 
 @pytest.mark.parametrize("shape, declared", [((10**12,), 4 * 10**12), ((10**10, 10**10), 4 * 10**20), ((3,), 12)])
 def test_load_npy_checks_the_declared_size_before_allocating(shape, declared):
-    from deitpipe.shards.reader import load_npy
+    from deitpipe.shards.format.reader import load_npy
 
     for _ in range(2):  # the second read takes the remembered header
         with pytest.raises(ValueError, match=f"^npy member declares {declared} bytes but holds 8$"):
@@ -296,7 +299,7 @@ def test_a_shard_member_declaring_a_huge_array_is_a_value_error(sample_maker, ve
 
 
 def test_shard_names_of_object_uris():
-    from deitpipe.shards.reader import shard_name
+    from deitpipe.shards.format.reader import shard_name
 
     assert shard_name("s3://bucket/my run/shard-000001.tar") == "shard-000001.tar"
     assert shard_name("s3://bucket/run/shard-000002.tar") == "shard-000002.tar"

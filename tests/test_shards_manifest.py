@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from deitpipe.shards import schema
-from deitpipe.shards.manifest import ManifestError, read_manifest, verify_shards, write_manifest
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import ManifestError, read_manifest, write_manifest
+from deitpipe.shards.format.verify import verify_shards
 
 
 def _entry(**kw):

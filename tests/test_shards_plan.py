@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from deitpipe.shards.plan import epoch_sample_order, epoch_shard_order, plan_shards
+from deitpipe.shards.format.plan import epoch_sample_order, epoch_shard_order, plan_shards
 
 
 @pytest.mark.parametrize("n, size", [(0, 3), (1, 1), (10, 3), (9, 3), (7, 100), (1797, 256)])
@@ -76,7 +76,7 @@ def test_epoch_sample_order_is_a_seeded_permutation():
 
 
 def test_assign_shards_mixes_and_covers_every_input_once():
-    from deitpipe.shards.plan import assign_shards
+    from deitpipe.shards.format.plan import assign_shards
 
     plan = assign_shards(100, 30, seed=3)
     assert [len(p) for p in plan] == [30, 30, 30, 10]

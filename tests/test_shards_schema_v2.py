@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from numpy.lib import recfunctions
 
-from deitpipe.shards import schema
-from deitpipe.shards.manifest import ManifestError, read_manifest, verify_shards, write_manifest
-from deitpipe.shards.plan import plan_shards
-from deitpipe.shards.reader import (
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import ManifestError, read_manifest, write_manifest
+from deitpipe.shards.format.plan import plan_shards
+from deitpipe.shards.format.reader import (
     decode_sample,
     expand_urls,
     iter_samples,
@@ -24,7 +24,8 @@ from deitpipe.shards.reader import (
     sample_schema_version,
     teacher_distribution,
 )
-from deitpipe.shards.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.format.verify import verify_shards
+from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
 
 FIELDS = schema.VIEW_FIELDS + (schema.SOFTMAX_FIELD,)
 

@@ -6,17 +6,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from deitpipe.shards.image import ImageDecodeError, decode_image, sniff_image_type
-from deitpipe.shards.sources import (
-    digits_image_folder,
-    digits_source,
-    digits_split,
-    is_non_image_name,
-    list_image_folder,
-    list_webdataset,
-    read_bytes,
-    resolve_source,
-)
+from deitpipe.shards.format.image import ImageDecodeError, decode_image, sniff_image_type
+from deitpipe.shards.inputs import INPUTS, Candidate, read_bytes, resolve_source
+from deitpipe.shards.inputs.embedded import digits_image_folder, digits_source, digits_split
+from deitpipe.shards.inputs.folder import is_non_image_name, list_image_folder
+from deitpipe.shards.inputs.tars import list_webdataset
 
 
 def test_image_folder_listing(image_folder):
@@ -150,6 +144,19 @@ def test_resolve_source(image_folder, tmp_path):
     assert folder.class_names == ["cat", "dog", "empty"] and "cat/notes.txt" in folder.ignored
     with pytest.raises(ValueError, match="nowhere/imgs"):
         resolve_source(str(tmp_path / "nowhere/imgs"))
+
+
+def test_each_input_kind_reads_its_own_candidates(image_folder, tmp_path, monkeypatch):
+    # One input per form of specification, and one input reads each candidate kind.
+    kinds = [kind for i in INPUTS for kind in i.kinds]
+    assert len(kinds) == len(set(kinds))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # a named set goes before a directory of that name
+    chosen = {spec: next(i.name for i in INPUTS if i.accepts(spec))
+              for spec in ("digits", "cluttered-digits:val", str(image_folder), "x-{000..009}.tar", "s3://b/p/")}
+    assert list(chosen.values()) == ["embedded", "embedded", "folder", "tars", "tars"]
+    with pytest.raises(ValueError, match="cannot read bytes of kind 'other'"):
+        read_bytes(Candidate(path="p", label=0, kind="other"))
 
 
 def _list_with_deadline(root, seconds=20.0):

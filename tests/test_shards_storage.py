@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from deitpipe.shards import schema, storage
-from deitpipe.shards.manifest import read_manifest, verify_shards
-from deitpipe.shards.reader import decode_sample, expand_urls, iter_tar_samples, read_shard
+from deitpipe.shards import storage
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import read_manifest
+from deitpipe.shards.format.reader import decode_sample, expand_urls, iter_tar_samples, read_shard
+from deitpipe.shards.format.verify import verify_shards
 
 
 def keys_under(bucket: str) -> list[str]:
@@ -133,7 +135,7 @@ def test_a_key_is_never_a_shell_command(s3_bucket, tmp_path, monkeypatch):
 
 
 def test_manifest_of_a_prefix_names_the_uri_when_missing(s3_bucket):
-    from deitpipe.shards.manifest import ManifestError
+    from deitpipe.shards.format.manifest import ManifestError
 
     with pytest.raises(ManifestError, match=f"{s3_bucket}/nowhere/{schema.MANIFEST_NAME}: cannot read"):
         read_manifest(f"{s3_bucket}/nowhere")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from deitpipe.shards.views import epoch_view_index, global_box, random_view_boxes
+from deitpipe.shards.format.views import epoch_view_index, global_box, random_view_boxes
 
 
 def _inside(boxes: np.ndarray, height: int, width: int) -> bool:

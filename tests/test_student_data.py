@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from conftest import write_shard_set
-from deitpipe.shards.image import cut_view, decode_image
-from deitpipe.shards.reader import expand_urls, iter_samples
-from deitpipe.shards.views import epoch_view_index
+from deitpipe.shards.format.image import cut_view, decode_image
+from deitpipe.shards.format.reader import expand_urls, iter_samples
+from deitpipe.shards.format.views import epoch_view_index
 from deitpipe.student.data import Augment, EvalImages, RandAugment, ShardReplay, eval_items, steps_per_epoch
 
 PLAIN = Augment(rand_augment=None, random_erasing=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -179,7 +179,7 @@ def test_rand_augment_options_reach_the_transform():
 
 @pytest.mark.parametrize(("img_size", "resize"), [(16, 16), (160, 183)])
 def test_eval_images_default_crop_is_the_shared_rule(shards, img_size, resize):
-    from deitpipe.shards.image import eval_resize
+    from deitpipe.shards.format.image import eval_resize
 
     items, _ = eval_items(str(shards))
     ds = EvalImages(items, img_size=img_size)

@@ -13,14 +13,14 @@ from torch.utils.data import DataLoader
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from conftest import encode, make_sample
-from deitpipe.shards import schema
-from deitpipe.shards.image import ImageDecodeError, cut_view, decode_image, sniff_image_type
-from deitpipe.shards.manifest import write_manifest
-from deitpipe.shards.plan import plan_shards
-from deitpipe.shards.reader import expand_urls, iter_samples
-from deitpipe.shards.sources import render_digit
-from deitpipe.shards.views import epoch_view_index, global_box, random_view_boxes
-from deitpipe.shards.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.image import ImageDecodeError, cut_view, decode_image, sniff_image_type
+from deitpipe.shards.format.manifest import write_manifest
+from deitpipe.shards.format.plan import plan_shards
+from deitpipe.shards.format.reader import expand_urls, iter_samples
+from deitpipe.shards.format.views import epoch_view_index, global_box, random_view_boxes
+from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
+from deitpipe.shards.inputs.embedded import render_digit
 from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.student.engine import MixupCutmix, train_one_epoch
 from deitpipe.student.gpu_augment import BatchAugment

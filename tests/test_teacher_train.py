@@ -13,11 +13,11 @@ import torchvision
 from torch import nn
 
 from deitpipe.common.optim import param_groups
-from deitpipe.shards.sources import _digits, digits_split, render_digit, resolve_source
-from deitpipe.teacher import build_teacher, read_sidecar, sidecar_path
-from deitpipe.teacher import train as train_mod
-from deitpipe.teacher.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from deitpipe.shards.inputs import resolve_source
+from deitpipe.shards.inputs.embedded import _digits, digits_split, render_digit
+from deitpipe.teacher import build_teacher, read_sidecar, sidecar_path, train as train_mod
 from deitpipe.teacher.data import SourceImages, eval_transform
+from deitpipe.teacher.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from deitpipe.teacher.train import (
     OPTIMIZER_DEFAULTS,
     TeacherTrainConfig,

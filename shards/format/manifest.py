@@ -1,4 +1,4 @@
-"""The shard set's manifest (``manifest.json``) and verification of a shard directory.
+"""The shard set's manifest (``manifest.json``): what it holds, writing it, reading and checking it.
 
 Keys the pipeline writes (all JSON):
 
@@ -16,6 +16,7 @@ Keys the pipeline writes (all JSON):
 
 :func:`read_manifest` checks the types of these keys (``shards`` entries need ``name`` and
 ``samples``; other keys may be absent) so that a damaged manifest fails there, in one line.
+Checking a shard directory against its manifest is ``verify.verify_shards``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deitpipe.shards import schema, storage
-from deitpipe.shards.atomic import atomic_writer
-from deitpipe.shards.reader import decode_sample, is_remote, iter_tar_samples, open_stream
+from deitpipe.shards import storage
+from deitpipe.shards.format import schema
+from deitpipe.shards.specs import is_remote
+from deitpipe.shards.storage.atomic import atomic_writer
 
 
 class ManifestError(ValueError):
@@ -108,7 +109,7 @@ def _manifest_bytes(path: str | os.PathLike) -> tuple[bytes, str]:
         if storage.is_object_uri(where) and not where.endswith(".json"):
             where = storage.join(where, schema.MANIFEST_NAME)  # a shard prefix, like a shard directory
         try:
-            with open_stream(where) as f:
+            with storage.open_url(where) as f:
                 return f.read(), where
         except (OSError, ValueError) as exc:
             cause = exc.cause if isinstance(exc, storage.StorageError) else exc
@@ -211,102 +212,3 @@ def _check_fields(data: dict[str, Any], where: str) -> None:
         for key, (ok, what) in _SHARD_FIELDS.items():
             if key in entry and not ok(entry[key]):
                 raise fail(f"shards[{i}].{key}", what, entry[key])
-
-
-def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with storage.open_stream(path) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def count_tar_samples(path: str | os.PathLike) -> int:
-    """Number of samples (runs of members sharing a key) in a shard, without decoding."""
-    count, last = 0, None
-    with storage.open_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for info in tar:
-            key = info.name.split("/")[-1].split(".", 1)[0]
-            if info.isreg() and key != last:
-                count, last = count + 1, key
-    return count
-
-
-def find_stray_files(out_dir: str | os.PathLike, listed: set[str] | None = None) -> list[str]:
-    """Warnings about leftover temporary files and tars the manifest does not list.
-
-    Args:
-        out_dir: Shard directory.
-        listed: Shard names in the manifest (None: read it).
-
-    Returns:
-        One line per stray file; these are warnings, not errors.
-    """
-    if listed is None:
-        listed = {s["name"] for s in read_manifest(out_dir)["shards"]}
-    out = []
-    for name in storage.list_names(out_dir):
-        p = storage.join(out_dir, name)
-        if ".tmp-" in name:
-            out.append(f"{p}: leftover temporary file from an interrupted write; safe to delete")
-        elif name.endswith(".tar") and name not in listed:
-            out.append(f"{p}: tar not listed in {schema.MANIFEST_NAME}; readers of the manifest ignore it")
-    return out
-
-
-def _check_shard(path: str, entry: dict[str, Any], *, deep: bool, views: int | None) -> list[str]:
-    if not storage.is_file(path):
-        return [f"{path}: listed in {schema.MANIFEST_NAME} but missing"]
-    problems = []
-    sha = file_sha256(path)
-    if entry.get("sha256") and sha != entry["sha256"]:
-        problems.append(f"{path}: sha256 {sha[:12]}... != manifest {str(entry['sha256'])[:12]}...")
-    try:
-        count = count_tar_samples(path)
-        if deep:
-            for raw in iter_tar_samples(path):
-                sample = decode_sample(raw)
-                if views is not None and sample["box"].shape != (views + 1, 4):
-                    shape = sample["box"].shape
-                    problems.append(f"{path}: {sample['key']} box shape {shape} != ({views + 1}, 4)")
-                    break
-    except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-        return problems + [f"{path}: unreadable ({exc})"]
-    if count != entry.get("samples"):
-        problems.append(f"{path}: {count} samples, manifest says {entry.get('samples')}")
-    return problems
-
-
-def verify_shards(out_dir: str | os.PathLike, *, deep: bool = False) -> list[str]:
-    """Check a shard directory against its manifest.
-
-    Each listed shard must exist, hash to its ``sha256`` and hold ``samples`` samples;
-    ``first_index`` values must be contiguous. Leftover temporary files are not errors: see
-    :func:`find_stray_files`.
-
-    Args:
-        out_dir: Shard directory.
-        deep: Also decode every sample and check the per-view shapes against ``views``.
-
-    Returns:
-        Problems, one line each; empty when the shard set is intact.
-    """
-    try:
-        manifest = read_manifest(out_dir)
-    except ManifestError as exc:
-        return [str(exc)]
-    problems: list[str] = []
-    names = [s.get("name") for s in manifest["shards"]]
-    if len(set(names)) != len(names):
-        problems.append(f"{out_dir}: {schema.MANIFEST_NAME} lists a shard twice")
-    next_index = 0
-    for entry in manifest["shards"]:
-        path = storage.join(out_dir, str(entry.get("name")))
-        problems += _check_shard(path, entry, deep=deep, views=manifest.get("views"))
-        first = entry.get("first_index")
-        if first is not None and first != next_index:
-            problems.append(f"{path}: first_index {first}, expected {next_index} (shards must be contiguous)")
-        # A shard covers "candidates" planned inputs; undecodable ones are skipped, not stored.
-        next_index += int(entry.get("candidates", entry.get("samples")) or 0)
-    return problems

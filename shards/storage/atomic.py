@@ -1,7 +1,7 @@
 """Files that appear whole or not at all, and survive a power cut once they have appeared.
 
 A file is written to a temporary name beside its destination (``.{name}.tmp-{pid}-{n}``, which
-``manifest.find_stray_files`` recognises), flushed and fsynced, renamed over the destination,
+``verify.find_stray_files`` recognises), flushed and fsynced, renamed over the destination,
 and then the directory is fsynced so that the rename itself is on disk. On any error the
 temporary file is removed and the original error re-raised; nothing appears under the final name.
 

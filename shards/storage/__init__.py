@@ -12,12 +12,16 @@ a local temporary file, uploaded under a temporary key beside its destination
 (``.NAME.tmp-PID-N``, the same pattern as on disk) and then copied to its final key by the
 server, so an interrupted upload never leaves a partial object under a final name; a leftover
 temporary key is what a rerun's clean-up recognises.
+
+:func:`open_url` also opens what a shard or input specification may name beyond these:
+``pipe:`` commands and ``http(s)://`` URLs, through webdataset's ``gopen``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import shutil
 import tempfile
@@ -25,7 +29,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from deitpipe.shards.atomic import atomic_writer, temp_path
+from deitpipe.shards.storage.atomic import atomic_writer, temp_path
 
 OBJECT_SCHEMES = ("s3://",)
 _CHUNK = 8 << 20
@@ -198,6 +202,16 @@ def open_stream(uri: str | os.PathLike) -> IO[bytes]:
     return _open(uri, stream=True)
 
 
+def open_url(url: str) -> IO[bytes]:
+    """A binary stream of one shard or file: ``s3://`` through :func:`open_stream` (no shell
+    involved), local paths, ``pipe:`` commands and ``http(s)://`` through webdataset's ``gopen``."""
+    if is_object_uri(url):
+        return open_stream(url)
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb")
+
+
 def _open(uri: str | os.PathLike, *, stream: bool) -> IO[bytes]:
     uri = os.fspath(uri)
     if not is_object_uri(uri):
@@ -223,6 +237,15 @@ def read_range(uri: str | os.PathLike, offset: int, length: int) -> bytes:
     if len(data) != length:
         raise StorageError(uri, f"expected {length} bytes at offset {offset}, got {len(data)} (file changed?)")
     return data
+
+
+def file_sha256(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open_stream(path) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from deitpipe.shards.schema import BOX_DTYPE, FLIP_DTYPE
+from deitpipe.shards.format.schema import BOX_DTYPE, FLIP_DTYPE
 
 # Distinct stream tags so the replay choice never reuses the numbers that drew a box.
 _REPLAY_TAG = 0x5EB1A7

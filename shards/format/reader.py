@@ -16,25 +16,18 @@ import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from webdataset import shardlists, tariterators
 
-from deitpipe.shards import schema, storage
+from deitpipe.shards import storage
+from deitpipe.shards.format import schema
+from deitpipe.shards.format.manifest import read_manifest
+from deitpipe.shards.format.tarsamples import split_ustar
 from deitpipe.shards.specs import is_remote  # re-exported: one definition, importable without webdataset
 
 _V1_MEMBERS = schema.V1_VIEW_MEMBERS + (schema.SOFTMAX,)
-
-
-def open_stream(url: str) -> IO[bytes]:
-    """A binary stream of one shard or file: ``s3://`` through ``storage`` (no shell involved),
-    local paths, ``pipe:`` commands and ``http(s)://`` through webdataset's ``gopen``."""
-    if storage.is_object_uri(url):
-        return storage.open_stream(url)
-    from webdataset.gopen import gopen
-
-    return gopen(url, "rb")
 
 
 def shard_name(url: str) -> str:
@@ -61,15 +54,11 @@ def expand_urls(spec: str | os.PathLike | Iterable[str]) -> list[str]:
     if os.path.isdir(spec):
         manifest = Path(spec) / schema.MANIFEST_NAME
         if manifest.exists():
-            from deitpipe.shards.manifest import read_manifest  # manifest imports this module
-
             return [str(Path(spec) / s["name"]) for s in read_manifest(manifest)["shards"]]
         return [str(p) for p in sorted(Path(spec).glob("*.tar"))]
     if is_object_dir(spec):
         manifest = storage.join(spec, schema.MANIFEST_NAME)
         if storage.is_file(manifest):
-            from deitpipe.shards.manifest import read_manifest
-
             return [storage.join(spec, s["name"]) for s in read_manifest(manifest)["shards"]]
         return [storage.join(spec, n) for n in storage.list_names(spec) if n.endswith(".tar")]
     return list(shardlists.expand_urls(spec))  # "::" lists and {a..b} braces
@@ -100,7 +89,7 @@ def iter_tar_samples(urls: str | Iterable[str]) -> Iterator[dict[str, Any]]:
 def _opened(urls: list[str]) -> Iterator[dict[str, Any]]:
     """Each URL's stream, opened when its turn comes and closed once its members are read."""
     for url in urls:
-        with open_stream(url) as stream:
+        with storage.open_url(url) as stream:
             yield {"url": url, "stream": stream}
 
 
@@ -111,9 +100,10 @@ class ShardChangedError(ValueError):
 def read_shard(url: str, *, sha256: str | None = None) -> list[dict[str, Any]]:
     """All raw samples of one shard, as :func:`iter_tar_samples` yields them, from one read.
 
-    deitpipe's shards are plain ustar archives of regular members; those are split here without
-    ``tarfile``'s per-member cost, which exceeds the cost of the small members themselves. Any
-    other archive (long names, pax headers, a bad checksum) goes through webdataset.
+    deitpipe's shards are plain ustar archives of regular members; those are split by
+    ``tarsamples.split_ustar`` without ``tarfile``'s per-member cost, which exceeds the cost of the
+    small members themselves. Any other archive (long names, pax headers, a bad checksum) goes
+    through webdataset.
 
     Args:
         url: One shard path or URL (``pipe:``, ``s3://``, ``http(s)://``).
@@ -125,7 +115,7 @@ def read_shard(url: str, *, sha256: str | None = None) -> list[dict[str, Any]]:
     src = url
     local = url.removeprefix("file:")
     if is_remote(url):
-        with open_stream(url) as f:
+        with storage.open_url(url) as f:
             data = f.read()
     else:
         if not os.path.isfile(local):
@@ -138,55 +128,10 @@ def read_shard(url: str, *, sha256: str | None = None) -> list[dict[str, Any]]:
             raise ShardChangedError(
                 f"{url}: sha256 {digest[:12]}... differs from its manifest's {sha256[:12]}...: the shard changed "
                 "after it was labelled; relabel it (label-teacher with the same arguments) or restore it")
-    samples = _split_ustar(data, src)
+    samples = split_ustar(data, src)
     if samples is None:
         members = tariterators.tar_file_expander([{"url": src, "stream": io.BytesIO(data)}])
         samples = list(tariterators.group_by_keys(members))
-    return samples
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def _split_ustar(data: bytes, url: str) -> list[dict[str, Any]] | None:
-    """Samples of a plain ustar archive grouped as webdataset groups them, or None for any other."""
-    samples: list[dict[str, Any]] = []
-    current: dict[str, Any] | None = None
-    pos, end = 0, len(data)
-    while pos + 512 <= end:
-        block = data[pos:pos + 512]
-        if block == _ZERO_BLOCK:
-            break
-        if block[257:262] != b"ustar" or block[156:157] not in (b"0", b"\0"):
-            return None
-        try:
-            checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            name = block[:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = block[345:500].split(b"\0", 1)[0].decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if checksum != sum(block[:148]) + 8 * 32 + sum(block[156:]):
-            return None
-        name = f"{prefix}/{name}" if prefix else name
-        if pos + 512 + size > end:
-            raise ValueError(f"{url}: truncated shard: member {name} ends past the end of the file")
-        key, ext = tariterators.base_plus_ext(name)
-        if key is None or name.startswith("__") or "/__" in name:
-            return None  # names webdataset treats specially
-        start, pos = pos + 512, pos + 512 + -(-size // 512) * 512
-        ext = ext.lower()
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                samples.append(current)
-            current = {"__key__": key, "__url__": url}
-        elif ext in current:
-            return None  # a duplicate member: webdataset raises
-        current[ext] = data[start:start + size]
-    if pos + 512 > end:  # no end-of-archive block: the file was cut (tar writers always add one)
-        raise ValueError(f"{url}: truncated shard: it ends before its end-of-archive marker")
-    if current is not None:
-        samples.append(current)
     return samples
 
 

@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 # The shared image conventions, defined without heavy imports there and re-exported here.
-from deitpipe.shards.conventions import (  # noqa: F401
+from deitpipe.shards.format.conventions import (  # noqa: F401
     IMAGENET_MEAN,
     IMAGENET_STD,
     LARGE_INPUT,

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from deitpipe.shards import schema
-from deitpipe.shards.atomic import commit_file, discard_file, temp_path
+from deitpipe.shards.format import schema
+from deitpipe.shards.storage.atomic import commit_file, discard_file, temp_path
 
 _FLOAT_FIELDS = ("prob", "rest", schema.SOFTMAX_FIELD)
 _CLASS_FIELDS = ("hard", "topk")
