@@ -16,7 +16,7 @@ from typing import Any
 
 def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
            high: float | None = None, open_low: bool = False, open_high: bool = False,
-           flag: str | None = None, off: Any = None) -> Any:
+           flag: str | None = None, off: Any = None, multiple: bool = False) -> Any:
     """A config field with what its command-line option needs.
 
     Args:
@@ -27,9 +27,11 @@ def option(default: Any, help: str, *, choices: tuple | None = None, low: float 
         flag: the option's declaration when it is not ``--field-name`` (e.g.
             ``"--resume/--no-resume"``, or ``"--no-progress"`` for a field that a flag turns off).
         off: a command-line value that stands for None (e.g. -1 for "switched off").
+        multiple: the option may be given more than once; one value stays a plain value, several
+            become a tuple.
     """
     meta = {"help": help, "choices": choices, "low": low, "high": high, "open_low": open_low,
-            "open_high": open_high, "flag": flag, "off": off}
+            "open_high": open_high, "flag": flag, "off": off, "multiple": multiple}
     return field(default=default, metadata=meta)
 
 

@@ -26,6 +26,9 @@ class LabelConfig:
     teacher_weights: str | None = option(None, "Local weights file (state dict or checkpoint); default: "
                                          "torchvision's weights from the torch hub cache.")
     num_classes: int | None = option(None, "Teacher head size (default: from the weights).", low=2)
+    unlabeled: bool = option(False, "Label every input by the teacher alone, storing no true label: a folder of "
+                             "images at any depth (class folders or not), tars with or without cls members. The "
+                             "embedded ':unlabeled-K' sets need it.")
     views: int = option(8, "Random RandomResizedCrop views per image, stored besides the global view; 0 = global "
                         "only.", low=0)
     min_scale: float = option(0.08, "Smallest crop area of a random view, as a fraction of the image.", low=0,

@@ -41,6 +41,8 @@ def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
         "topk": manifest.get("topk"), "full_softmax": manifest.get("full_softmax"),
         "seed": manifest.get("seed"), "shards": len(manifest["shards"]),
         "samples": sum(s["samples"] for s in manifest["shards"]),
+        "with_true_label": sum(s["samples"] - s.get("unlabeled", 0) for s in manifest["shards"]),
+        "without_true_label": sum(s.get("unlabeled", 0) for s in manifest["shards"]),
         "found": inputs.get("found"), "labelled": inputs.get("labelled"),
         "skipped": len(inputs.get("skipped", [])), "ignored": inputs.get("ignored"),
     }
@@ -66,7 +68,7 @@ def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any] |
     name = (lambda c: names[c] if c < len(names) else str(c))
     return {
         "key": s["key"], "schema_version": sample_schema_version(raw), "path": s["meta"].get("path"),
-        "label": s["label"], "label_name": name(s["label"]),
+        "label": s["label"], "label_name": name(s["label"]) if s["label"] >= 0 else "no true label",
         "size": [s["meta"].get("height"), s["meta"].get("width")],
         "views": [
             {"view": v, "box": s["box"][v].tolist(), "flip": bool(s["flip"][v]), "hard": int(s["hard"][v]),
@@ -74,13 +76,14 @@ def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any] |
              "rest": round(float(s["rest"][v]), 4)}
             for v in range(min(len(s["box"]), 4))
         ],
-        "hard_agrees_with_label": float(np.mean(s["hard"] == s["label"])),
+        "hard_agrees_with_label": float(np.mean(s["hard"] == s["label"])) if s["label"] >= 0 else None,
     }
 
 
 def _text(out, summary, problems, warnings, sample, manifest) -> str:
     lines = [f"{out}: schema version {summary['schema_version']}, {summary['shards']} shards, "
-             f"{summary['samples']} samples, teacher "
+             f"{summary['samples']} samples ({summary['with_true_label']} with a true label, "
+             f"{summary['without_true_label']} without), teacher "
              f"{summary['teacher']} ({summary['num_classes']} classes), {summary['views']} views + global, "
              f"top-{summary['topk']}{' + full softmax' if summary['full_softmax'] else ''}, seed {summary['seed']}",
              f"inputs: {summary['found']} found, {summary['labelled']} labelled, {summary['skipped']} skipped, "

@@ -56,7 +56,7 @@ def input_source(config: LabelConfig) -> Source:
     reads, whatever ``--seed`` is: the seed moves the view boxes, never an image from the held-out
     split that train-student's and evaluate's ``--val digits:val`` read into the labelled one.
     """
-    return resolve_source(config.data, image_size=config.image_size)
+    return resolve_source(config.data, image_size=config.image_size, unlabeled=config.unlabeled)
 
 
 def resolve_launcher(config: LabelConfig) -> str:
@@ -95,11 +95,17 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
     out = config.out  # a local directory or an s3:// prefix
     source = input_source(config)
     if not source.candidates:
-        raise LabelError(f"--data {config.data}: no candidate images found")
+        first = f" (first skipped: {source.skipped[0][0]}: {source.skipped[0][1]})" if source.skipped else ""
+        hint = ("; pass --unlabeled to label samples without one" if not config.unlabeled
+                and any("cls" in reason for _, reason in source.skipped) else "")
+        raise LabelError(f"--data {config.data}: no candidate images found{first}{hint}")
     _check_device(config)
     teacher_kwargs = dict(name=config.teacher, weights_path=config.teacher_weights,
                           num_classes=config.num_classes, preprocessing_overrides=_overrides(config))
     _, info = build_teacher(**teacher_kwargs)  # fails here, before any work, on bad weights
+    if not config.unlabeled and any(c.label < 0 for c in source.candidates):
+        raise LabelError(f"--data {config.data} has images without labels; pass --unlabeled to have the teacher "
+                         "label them alone")
     if len(source.class_names) > info.num_classes:
         raise LabelError(
             f"--data has {len(source.class_names)} classes but teacher {info.name} has "
@@ -222,13 +228,21 @@ def _open_output(out: str, config: LabelConfig, source: Source, info: TeacherInf
         "schema_version": schema.SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": False, "config": asdict(config), "teacher": info.to_dict(),
-        "num_classes": info.num_classes, "class_names": list(source.class_names),
+        "num_classes": info.num_classes, "class_names": _class_names(source, info),
         "views": config.views, "topk": min(config.topk, info.num_classes),
         "full_softmax": config.full_softmax, "seed": config.seed, "shards": kept,
     }
     if not kept:
         write_manifest(out, manifest)
     return manifest
+
+
+def _class_names(source: Source, info: TeacherInfo) -> list[str]:
+    """The data's class names; for unlabelled data, the teacher's (its sidecar's, else indices)."""
+    if source.class_names:
+        return list(source.class_names)
+    names = list(getattr(info, "class_names", None) or [])
+    return names if len(names) == info.num_classes else [str(i) for i in range(info.num_classes)]
 
 
 def _own_manifest(out: str) -> dict[str, Any] | None:

@@ -50,6 +50,10 @@ def _option(f, hint: Any, default: Any, help: str) -> Callable:
         if flag:  # a flag that turns a default-on field off, e.g. --no-progress
             return click.option(flag, f.name, is_flag=True, flag_value=not default, default=default, help=help)
         return click.option("--" + f.name.replace("_", "-"), f.name, is_flag=True, default=default, help=help)
+    if meta.get("multiple"):
+        return click.option(flag or "--" + f.name.replace("_", "-"), f.name, type=base, multiple=True,
+                            default=(default,) if default is not None else (), show_default=default is not None,
+                            help=help, callback=lambda ctx, param, value: value[0] if len(value) == 1 else tuple(value))
     kind = click.Choice([str(c) for c in meta["choices"]]) if meta.get("choices") else base
     off = meta.get("off")
     callback = (lambda ctx, param, value: None if value == off else value) if off is not None else None

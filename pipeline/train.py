@@ -9,6 +9,7 @@ Ray Train); rerunning the same command resumes from the newest, whichever launch
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -35,7 +36,7 @@ from deitpipe.student.trainer import (
     read_metrics,
 )
 
-__all__ = ["TrainError", "shard_info", "teacher_labels_mode", "train_student", "check_inputs"]
+__all__ = ["TrainError", "shard_info", "shard_sets_info", "teacher_labels_mode", "train_student", "check_inputs"]
 
 
 def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
@@ -71,10 +72,44 @@ def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
     samples = sum(listed[shard_name(u)] for u in urls)
     if samples == 0:
         raise TrainError(f"{where}: the shards hold no samples; relabel with inputs that decode")
+    unlabeled = {s["name"]: s.get("unlabeled", 0) for s in data["shards"]}
     return {"urls": urls, "num_classes": int(data["num_classes"]), "class_names": data["class_names"],
             "views": int(data["views"]), "teacher": data["teacher"], "samples": samples, "manifest": where,
-            "manifest_sha256": digest,
+            "manifest_sha256": digest, "schema_version": data.get("schema_version"),
+            "unlabeled": sum(unlabeled[shard_name(u)] for u in urls),
             "sha256": {u: digests[shard_name(u)] for u in urls if shard_name(u) in digests}}
+
+
+def shard_sets_info(specs: tuple[str, ...], manifest: str | None = None) -> dict[str, Any]:
+    """:func:`shard_info` of one or more shard sets, merged into one: their shards together, in
+    each set's order; refused in one line unless the sets agree on the classes and the teacher.
+
+    Returns:
+        :func:`shard_info`'s keys; "manifest" and "manifest_sha256" name every set (the digest of
+        several is the sha256 of theirs, in order), and "views" is the fewest a set stores.
+    """
+    infos = [shard_info(spec, manifest) for spec in specs]
+    if len(infos) == 1:
+        return infos[0]
+    first = infos[0]
+    for other in infos[1:]:
+        for key, what in (("num_classes", "class count"), ("class_names", "class names"),
+                          ("schema_version", "schema version")):
+            if other[key] != first[key]:
+                raise TrainError(f"--shards {other['manifest']} and {first['manifest']} differ in their {what}; "
+                                 "train on sets labelled for the same classes")
+        teacher = ("name", "weights_sha256", "preprocessing")
+        if any(other["teacher"].get(k) != first["teacher"].get(k) for k in teacher):
+            raise TrainError(f"--shards {other['manifest']} and {first['manifest']} were labelled by different "
+                             "teachers; label every set with the same teacher and weights")
+    urls = [u for info in infos for u in info["urls"]]
+    if len(set(urls)) != len(urls):
+        raise TrainError("--shards names one shard set more than once; give each set once")
+    joined = hashlib.sha256("".join(info["manifest_sha256"] for info in infos).encode()).hexdigest()
+    return {**first, "urls": urls, "samples": sum(i["samples"] for i in infos),
+            "views": min(i["views"] for i in infos), "unlabeled": sum(i["unlabeled"] for i in infos),
+            "manifest": " + ".join(i["manifest"] for i in infos), "manifest_sha256": joined,
+            "sha256": {u: d for i in infos for u, d in i["sha256"].items()}}
 
 
 def _manifest_beside(spec: str) -> str:
@@ -102,8 +137,14 @@ def teacher_labels_mode(config: TrainConfig, views: int) -> str:
 def train_student(config: TrainConfig) -> dict[str, Any]:
     """Train a student as ``config`` says; returns the last epoch's metrics and the run's paths."""
     config = config.resolved()  # workers do not share the driver's working directory
-    info = shard_info(config.shards, config.manifest)
+    info = shard_sets_info(config.shard_sets(), config.manifest)
     mode = teacher_labels_mode(config, info["views"])
+    if info["unlabeled"] and config.distillation == "none":
+        raise TrainError(f"--shards hold {info['unlabeled']} samples without a true label, which only the teacher's "
+                         "label can train: pass --distillation hard or soft, or leave those shards out")
+    if info["unlabeled"] and config.online_teacher:
+        raise TrainError("--online-teacher trains on true labels; the --shards hold samples without one: train "
+                         "from the stored teacher labels instead")
     _check_batch(config, samples=info["samples"])
     check_inputs(config, num_classes=info["num_classes"])
     out = config.out  # a local directory or an s3:// prefix
@@ -191,7 +232,8 @@ RUN_FILES = ("student.pt", "config.json", "metrics.jsonl")
 
 
 def _comparable(config: TrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(config).items() if k not in _RUNTIME}
+    """The fields that make a run, as config.json holds them (tuples as lists)."""
+    return {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in _RUNTIME}
 
 
 def _own_config(out: str) -> dict[str, Any] | None:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 
 from deitpipe.shards.format.schema import MANIFEST_NAME
 
 # Inputs named by the data set rather than by a path.
 NAMED_DATA = frozenset(f"{name}{part}" for name in ("digits", "cluttered-digits") for part in ("", ":train", ":val"))
+# The few-label splits of the embedded sets: K labelled images a class, and the rest of :train.
+_FEW_LABELS = re.compile(r"(digits|cluttered-digits):(labeled|unlabeled)-[1-9][0-9]*")
+
+
+def is_named_data(spec: str) -> bool:
+    """Whether ``spec`` names an embedded set (``digits``, ``cluttered-digits:train``, ...,
+    ``cluttered-digits:labeled-10``, ``digits:unlabeled-10``)."""
+    return spec in NAMED_DATA or bool(_FEW_LABELS.fullmatch(spec))
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -24,7 +33,7 @@ def absolute_spec(spec: str | None) -> str | None:
     ``pipe:`` commands and named data sets (``digits``) pass through unchanged; a ``::`` list is
     resolved item by item; a brace pattern is resolved as a path.
     """
-    if spec is None or spec in NAMED_DATA or is_remote(spec):
+    if spec is None or is_named_data(spec) or is_remote(spec):
         return spec
     if "::" in spec:
         return "::".join(absolute_spec(part) for part in spec.split("::"))

@@ -29,8 +29,10 @@ MODEL_FIELDS = ("model", "img_size", "patch_size", "embed_dim", "depth", "num_he
 class TrainConfig:
     """What ``deitpipe train-student`` does; each field's help text says what it means."""
 
-    shards: str = option("shards-out", "label-teacher output directory, or a brace pattern of its shards "
-                         "(local, s3://, http(s)://, pipe:).")
+    shards: str | tuple[str, ...] = option(
+        "shards-out", "label-teacher output directory, or a brace pattern of its shards (local, s3://, http(s)://, "
+        "pipe:). Give it more than once to train on several sets labelled by the same teacher (e.g. a labelled "
+        "set and an unlabelled one): every epoch mixes them.", multiple=True)
     manifest: str | None = option(None, "The shards' manifest.json (path or URL) when it is not beside them, "
                                   "as with pipe: commands.")
     out: str = option("student-out", "Run directory (local, or s3://bucket/prefix).")
@@ -100,7 +102,14 @@ class TrainConfig:
     progress: bool = option(True, "No progress bar.", flag="--no-progress")
 
     def __post_init__(self) -> None:
+        if isinstance(self.shards, list):  # as a config.json holds several sets
+            object.__setattr__(self, "shards", tuple(self.shards))
         check_options(self)
+        if not self.shard_sets():
+            raise ValueError("--shards names no shard set")
+        if self.manifest and len(self.shard_sets()) > 1:
+            raise ValueError("--manifest goes with one --shards; with several sets each manifest must lie beside "
+                             "its shards")
         if self.use_gpu:
             if self.device == "cpu":
                 raise ValueError("--use-gpu and --device cpu contradict each other; pass one")
@@ -119,7 +128,13 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """This config with its local paths absolute (:func:`absolute_spec`)."""
-        return resolved_paths(self, ("shards", "manifest", "out", "val", "teacher_weights", "finetune"))
+        config = resolved_paths(self, ("manifest", "out", "val", "teacher_weights", "finetune"))
+        shards = tuple(absolute_spec(s) for s in self.shard_sets())
+        return replace(config, shards=shards[0] if len(shards) == 1 else shards)
+
+    def shard_sets(self) -> tuple[str, ...]:
+        """``shards`` as a tuple of one or more shard sets."""
+        return (self.shards,) if isinstance(self.shards, str) else tuple(self.shards)
 
     def model_overrides(self) -> dict:
         return {k: v for k, v in dict(img_size=self.img_size, patch_size=self.patch_size,

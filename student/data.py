@@ -44,6 +44,7 @@ from deitpipe.shards.format.image import (
 from deitpipe.shards.format.manifest import read_manifest
 from deitpipe.shards.format.plan import epoch_sample_order, epoch_shard_order
 from deitpipe.shards.format.reader import decode_sample, expand_urls, read_shard, shard_name, teacher_distribution
+from deitpipe.shards.format.schema import UNLABELED
 from deitpipe.shards.format.views import epoch_view_index, global_box, random_view_boxes
 from deitpipe.shards.inputs import read_bytes, resolve_source
 from deitpipe.shards.specs import is_shard_set
@@ -170,7 +171,7 @@ class ShardReplay(IterableDataset):
     def __init__(self, *, urls: list[str], num_classes: int, num_views: int, teacher_labels: str,
                  img_size: int, batch_size: int, steps: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, augment: Augment = Augment(), interpolation: str = "bilinear",
-                 min_scale: float = 0.08, checksums: dict[str, str] | None = None):
+                 min_scale: float = 0.08, checksums: dict[str, str] | None = None, class_targets: str = "hard"):
         if teacher_labels not in TEACHER_LABELS:
             raise ValueError(f"--teacher-labels must be one of {', '.join(TEACHER_LABELS)}, got {teacher_labels!r}")
         if teacher_labels == "views" and num_views < 1:
@@ -183,6 +184,9 @@ class ShardReplay(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.scale = (min_scale, 1.0)
         self.checksums = dict(checksums or {})
+        if class_targets not in ("hard", "soft"):
+            raise ValueError(f"class_targets must be hard or soft, got {class_targets!r}")
+        self.class_targets = class_targets
         self.transform = augment.build()
         self.epoch = 0
 
@@ -223,7 +227,7 @@ class ShardReplay(IterableDataset):
     def _decoded(self, raw: dict, url: str) -> dict:
         """A stored sample decoded and checked: its true label one of the set's classes."""
         sample = decode_sample(raw)
-        if not 0 <= sample["label"] < self.num_classes:
+        if not (0 <= sample["label"] < self.num_classes or sample["label"] == UNLABELED):
             raise ValueError(f"{url}: sample {sample['key']} has label {sample['label']}, outside the "
                              f"{self.num_classes} classes of its manifest; relabel the shard or fix its .cls")
         return sample
@@ -235,7 +239,8 @@ class ShardReplay(IterableDataset):
         ``height`` x ``width`` image, labelled with the global view (row 0): the fixed teacher.
         """
         if self.teacher_labels == "views":
-            view = epoch_view_index(seed=self.seed, epoch=self.epoch, key=sample["key"], num_views=self.num_views)
+            view = epoch_view_index(seed=self.seed, epoch=self.epoch, key=sample["key"],
+                                    num_views=len(sample["box"]) - 1)  # sets of other V may be mixed
             return view, tuple(int(v) for v in sample["box"][view]), bool(sample["flip"][view])
         boxes, flips = random_view_boxes(seed=self.seed * 1_000_003 + self.epoch + _FRESH_CROP_TAG,
                                          key=sample["key"], num_views=1, height=height, width=width,
@@ -247,11 +252,31 @@ class ShardReplay(IterableDataset):
         img = decode_image(sample["image"])
         view, box, flip = self.view_of(sample, height=img.height, width=img.width)
         pixels = cut_view(img, box, flip, self.img_size, interpolation=self.interpolation)
-        out = {"image": self.transform(pixels), "label": torch.tensor(sample["label"], dtype=torch.long)}
+        return {"image": self.transform(pixels), **self.targets(sample, view)}
+
+    def targets(self, sample: dict, view: int) -> dict[str, torch.Tensor]:
+        """The labels of ``sample``'s view: "label" for the class head, and the teacher's
+        "teacher" (C,) and "teacher_hard" unless no teacher labels are read.
+
+        A sample without a true label takes the teacher's: its argmax, or with
+        ``class_targets="soft"`` its distribution; then every "label" is a (C,) row (one-hot for
+        the labelled), so that a batch mixing both stacks.
+        """
+        out: dict[str, torch.Tensor] = {}
         if self.teacher_labels != "none":
             dist = teacher_distribution(sample, view, self.num_classes)
             out["teacher"] = torch.from_numpy(dist)
             out["teacher_hard"] = torch.tensor(int(sample["hard"][view]), dtype=torch.long)
+        label = int(sample["label"])
+        if label < 0:
+            if self.teacher_labels == "none":
+                raise ValueError(f"{sample.get('url')}: sample {sample['key']} has no true label and no teacher label "
+                                 "is read; train with --distillation hard or soft")
+            out["label"] = out["teacher"].clone() if self.class_targets == "soft" else out["teacher_hard"].clone()
+        elif self.class_targets == "soft":
+            out["label"] = torch.nn.functional.one_hot(torch.tensor(label), self.num_classes).float()
+        else:
+            out["label"] = torch.tensor(label, dtype=torch.long)
         return out
 
 

@@ -36,7 +36,6 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from deitpipe.shards.format.image import DEFAULT_MAX_PIXELS, ImageDecodeError, cut_view, decode_image
-from deitpipe.shards.format.reader import teacher_distribution
 from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.student.gpu_augment import BatchAugment, augment_generator
 
@@ -116,10 +115,7 @@ class EncodedShardReplay(ShardReplay):
             pixels = cut_view(img, box, flip, self.img_size, interpolation=self.interpolation)
         out = {"data": pixels, "jpeg": torch.tensor(img is None), "orientation": torch.tensor(orientation),
                "box": torch.tensor(box, dtype=torch.long), "flip": torch.tensor(flip),
-               "label": torch.tensor(sample["label"], dtype=torch.long), "key": sample["key"]}
-        if self.teacher_labels != "none":
-            out["teacher"] = torch.from_numpy(teacher_distribution(sample, view, self.num_classes))
-            out["teacher_hard"] = torch.tensor(int(sample["hard"][view]), dtype=torch.long)
+               "key": sample["key"], **self.targets(sample, view)}
         return out
 
 

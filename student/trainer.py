@@ -376,7 +376,8 @@ def train_loader(cfg: TrainConfig, info: dict[str, Any], mode: str, *, img_size:
                       random_erasing=cfg.random_erasing, img_size=img_size)
     kwargs = dict(urls=info["urls"], num_classes=info["num_classes"], num_views=info["views"], teacher_labels=mode,
                   img_size=img_size, batch_size=cfg.batch_size, steps=steps, seed=cfg.seed, rank=rank,
-                  world_size=world, min_scale=cfg.min_scale, checksums=info.get("sha256"))
+                  world_size=world, min_scale=cfg.min_scale, checksums=info.get("sha256"),
+                  class_targets="soft" if info.get("unlabeled") and cfg.distillation == "soft" else "hard")
     pin = device.type == "cuda"
     if loader_kind(cfg, device) == "gpu":
         encoded = EncodedShardReplay(**kwargs)

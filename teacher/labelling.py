@@ -183,7 +183,8 @@ def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int,
                 meta={"path": cand.path, "height": int(row["height"]), "width": int(row["width"])},
                 views=views, num_classes=num_classes,
             ))
-    return {**writer.record(), "first_index": first_index}
+    unlabeled = sum(source.candidates[i].label < 0 for i in indices)
+    return {**writer.record(), "first_index": first_index, "unlabeled": unlabeled}
 
 
 def pack(*, out: str, shard: int, plan: list[list[int]], source: Source, rows: dict[int, dict[str, Any]],
@@ -301,12 +302,14 @@ def consume(batches: Iterable[dict[str, np.ndarray]], packer: ShardPacker,
 
 
 def inputs_summary(source: Source, shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest's "inputs": found = labelled + skipped, and what was ignored by name."""
+    """The manifest's "inputs": found = labelled + skipped (labelled: by the teacher; of those,
+    ``without_true_label`` carry the teacher's label alone), and what was ignored by name."""
     skipped = [{"path": p, "reason": r} for p, r in source.skipped]
     for entry in shards:
         skipped += entry.get("skipped", [])
     labelled = sum(e["samples"] for e in shards)
     return {"found": len(source.candidates) + len(source.skipped), "labelled": labelled,
+            "without_true_label": sum(e.get("unlabeled", 0) for e in shards),
             "skipped": skipped, "ignored": len(source.ignored), "ignored_examples": source.ignored[:20]}
 
 

@@ -220,8 +220,8 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         raw: A dict from :func:`iter_tar_samples`.
 
     Returns:
-        ``{"key", "url", "image" (original bytes), "image_ext", "label" (int), "meta" (dict),
-        "box", "flip", "hard", "topk", "prob", "rest"[, "softmax"]}`` with numpy arrays for the
+        ``{"key", "url", "image" (original bytes), "image_ext", "label" (int; ``schema.UNLABELED``
+        without a cls member), "meta" (dict), "box", "flip", "hard", "topk", "prob", "rest"[, "softmax"]}`` with numpy arrays for the
         per-view fields (row 0 is the global view), the same for both versions.
     """
     key = raw["__key__"]
@@ -231,13 +231,13 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"{raw.get('__url__', '?')}: sample {key} holds both {schema.VIEWS} (version 2) and "
                          f"{v1} (version 1); rewrite it with one version")
     views = (schema.VIEWS,) if schema.VIEWS in raw or not v1 else schema.V1_VIEW_MEMBERS
-    missing = [m for m in (schema.CLS, schema.META) + views if m not in raw]
+    missing = [m for m in (schema.META,) + views if m not in raw]  # no cls: no true label
     if ext is None or missing:
         lacks = missing + ([] if ext is not None else ["<image>"])
         raise ValueError(f"{raw.get('__url__', '?')}: sample {key} lacks members {lacks}")
     where = f"{raw.get('__url__', '?')}: sample {key}"
     try:
-        label = int(raw[schema.CLS].decode("ascii").strip())
+        label = int(raw[schema.CLS].decode("ascii").strip()) if schema.CLS in raw else schema.UNLABELED
         meta = json.loads(raw[schema.META])
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise ValueError(f"{where}: unreadable {schema.CLS} or {schema.META} ({str(exc).splitlines()[0]})") from None

@@ -50,7 +50,8 @@ MANIFEST_NAME = "manifest.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 KEY_PATTERN = "s{:09d}"
 
-CLS = "cls"
+CLS = "cls"  # absent from a sample that has no true label (label-teacher --unlabeled)
+UNLABELED = -1  # a reader's label for such a sample
 META = "json"
 VIEWS = "views.npy"  # version 2: every per-view field in one structured array
 

@@ -98,7 +98,7 @@ def encode_sample(
         key: Sample key (``schema.sample_key(index)``), no dots.
         image_bytes: Original image bytes.
         image_ext: Real image type, one of ``schema.IMAGE_EXTENSIONS``.
-        label: True class index.
+        label: True class index; ``schema.UNLABELED`` (or any negative) writes no ``cls`` member.
         meta: Source metadata with at least ``path``, ``height``, ``width``.
         views: Per-view arrays keyed by field name with or without ``.npy`` (``box``, ``flip``,
             ``hard``, ``topk``, ``prob``, ``rest``, optional ``softmax``); all V + 1 rows.
@@ -132,9 +132,10 @@ def encode_sample(
     sample: dict[str, Any] = {
         "__key__": key,
         image_ext: bytes(image_bytes),
-        schema.CLS: str(int(label)).encode("ascii"),
         schema.META: json.dumps(dict(meta), sort_keys=True, separators=(",", ":")).encode("utf-8"),
     }
+    if int(label) >= 0:
+        sample[schema.CLS] = str(int(label)).encode("ascii")
     if schema_version == 2:
         sample[schema.VIEWS] = npy_bytes(_views_array(arrays, num_classes))
         return sample

@@ -16,13 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+
+from deitpipe.shards.format.schema import UNLABELED  # noqa: F401 - an input without a true label (re-exported)
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One input, before it is numbered or decoded.
 
     Attributes:
         path: Display path or URI, stored in the sample's metadata.
-        label: True class index.
+        label: True class index, or ``UNLABELED`` (-1) for an input without one.
         kind: "file" (read ``ref`` from disk), "digits" (render digit ``ref`` at ``size``),
             "cluttered-digits" (render the cluttered canvas of digit ``ref`` at ``size``),
             "tarmember" (``length`` bytes at ``offset`` of the local tar ``ref``) or "tar"
@@ -50,7 +54,7 @@ class Source:
     Attributes:
         spec: The specification it was resolved from.
         candidates: Inputs in their sorted order.
-        class_names: Class index -> name.
+        class_names: Class index -> name (empty where no input carries a label).
         ignored: Files skipped by name (not images), as display paths.
         skipped: ``(path, reason)`` for entries dropped while listing (e.g. a tar sample lacking cls).
     """
@@ -69,7 +73,9 @@ class Input:
     Attributes:
         name: Its name in messages, e.g. "folder".
         accepts: Whether a specification names this kind of input.
-        resolve: ``resolve(spec, *, image_size, seed) -> Source`` for a specification it accepts.
+        resolve: ``resolve(spec, *, image_size, seed, unlabeled) -> Source`` for a specification it
+            accepts; with ``unlabeled`` every candidate's label is ``UNLABELED``, and inputs that
+            carry no label are listed rather than skipped.
         kinds: The ``Candidate.kind`` values its sources list.
         read: The raw bytes of one of its candidates.
     """

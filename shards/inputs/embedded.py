@@ -1,11 +1,14 @@
 """The embedded data sets: scikit-learn's 1,797 digits, plain or cluttered, rendered on demand.
 
 A specification names one by its name (``digits``, ``cluttered-digits``), whole or one side of
-its split (``:train``, ``:val``); no file is read or downloaded.
+its split (``:train``, ``:val``), or a few-label split of ``:train``: ``:labeled-K`` keeps K
+images a class with their labels, ``:unlabeled-K`` is the rest of ``:train`` without labels
+(:func:`few_labels_split`). ``:val`` is untouched by either. No file is read or downloaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import json
@@ -16,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from deitpipe.shards.inputs.base import Candidate, Input, Source
+from deitpipe.shards.inputs.base import UNLABELED, Candidate, Input, Source
 from deitpipe.shards.inputs.cluttered import CANVAS, render_cluttered, upscale_all
+from deitpipe.shards.specs import is_named_data
 
 DIGITS_COUNT = 1797
 # The embedded data sets by name: each has the whole set, ":train" and ":val" (digits_split).
@@ -111,6 +115,28 @@ def digits_split(*, seed: int = 0, holdout: int = 597) -> tuple[np.ndarray, np.n
     return np.sort(train), np.sort(held)
 
 
+def few_labels_split(k: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``:train`` cut into K images a class that keep their labels and the rest.
+
+    The K of each class are a fixed draw (seeded by the class, not by ``seed``, which chooses
+    the train/val split only), so ``labeled-K`` and ``unlabeled-K`` of one K never overlap and
+    together are ``:train``, and ``labeled-5`` is part of ``labeled-10``.
+
+    Returns:
+        ``(labelled indices, unlabelled indices)``, each sorted.
+    """
+    train, _ = digits_split(seed=seed)
+    _, target = _digits()
+    keep = []
+    for c in range(10):
+        members = train[target[train] == c]
+        if k > len(members):
+            raise ValueError(f"labeled-{k}: class {c} has only {len(members)} training images")
+        keep.append(np.random.default_rng(1000 + c).permutation(members)[:k])
+    labelled = np.sort(np.concatenate(keep))
+    return labelled, np.setdiff1d(train, labelled)
+
+
 def digits_image_folder(
     out_dir: str | os.PathLike, *, image_size: int = 32, seed: int = 0, kind: str = "digits"
 ) -> Path:
@@ -163,19 +189,26 @@ def digits_image_folder(
 
 def accepts(spec: str) -> bool:
     """Whether ``spec`` names an embedded set: ``digits``, ``cluttered-digits``, each with an
-    optional ``:train`` or ``:val``."""
-    kind, _, part = spec.partition(":")
-    return kind in DIGIT_SETS and part in ("", "train", "val")
+    optional ``:train``, ``:val``, ``:labeled-K`` or ``:unlabeled-K``."""
+    return is_named_data(spec)
 
 
-def resolve(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
-    """The embedded set ``spec`` rendered at ``image_size``; ``seed`` chooses the split."""
+def resolve(spec: str, *, image_size: int = 32, seed: int = 0, unlabeled: bool = False) -> Source:
+    """The embedded set ``spec`` rendered at ``image_size``; ``seed`` chooses the split. The
+    images of ``:unlabeled-K``, and of any set with ``unlabeled``, carry no label."""
     kind, _, part = spec.partition(":")
     indices = None
-    if part:
+    if part in ("train", "val"):
         train, val = digits_split(seed=seed)
         indices = train if part == "train" else val
+    elif part:
+        which, _, k = part.partition("-")
+        labelled, rest = few_labels_split(int(k), seed=seed)
+        indices = labelled if which == "labeled" else rest
+        unlabeled = unlabeled or which == "unlabeled"
     cands, names = digits_source(image_size=image_size, indices=indices, kind=kind)
+    if unlabeled:
+        cands = [dataclasses.replace(c, label=UNLABELED) for c in cands]
     return Source(spec=spec, candidates=cands, class_names=names)
 
 

@@ -15,7 +15,7 @@ INPUTS: tuple[Input, ...] = (embedded.INPUT, folder.INPUT, tars.INPUT)
 _BY_KIND = {kind: i for i in INPUTS for kind in i.kinds}
 
 
-def resolve_source(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
+def resolve_source(spec: str, *, image_size: int = 32, seed: int = 0, unlabeled: bool = False) -> Source:
     """Resolve an input specification.
 
     Args:
@@ -24,13 +24,15 @@ def resolve_source(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
             (brace pattern, ``.tar``, ``pipe:``, ``s3://``).
         image_size: Render size for (cluttered) digits.
         seed: Split seed for ``...:train`` / ``...:val``.
+        unlabeled: drop every true label (``base.UNLABELED``): a folder is listed recursively,
+            with or without class folders, and tars need no ``cls`` member.
 
     Returns:
         A :class:`Source`.
     """
     for kind in INPUTS:
         if kind.accepts(spec):
-            return kind.resolve(spec, image_size=image_size, seed=seed)
+            return kind.resolve(spec, image_size=image_size, seed=seed, unlabeled=unlabeled)
     raise ValueError(
         f"input {spec!r} is not 'digits', 'cluttered-digits', an existing directory, or WebDataset tars "
         "(a .tar path, a {000..009} brace pattern, pipe:CMD or s3://URL)"

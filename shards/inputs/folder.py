@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from deitpipe.shards.inputs.base import Candidate, Input, Source
+from deitpipe.shards.inputs.base import UNLABELED, Candidate, Input, Source
 
 # Files whose name says they are not images; anything else (including no extension and image
 # extensions that lie about the type) is a candidate and is judged by its content.
@@ -112,9 +112,37 @@ def _file_identity(entry: os.DirEntry, dev: int, link: bool) -> tuple[Any, ...]:
     return st.st_dev, st.st_ino
 
 
-def resolve(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
+def list_unlabeled_folder(root: str | os.PathLike) -> tuple[list[Candidate], list[str]]:
+    """Every image under ``root``, at any depth, with or without class folders, as unlabelled
+    candidates sorted by path; links are followed as :func:`list_image_folder` follows them.
+
+    Returns:
+        ``(candidates, ignored)``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"image folder {root} is not a directory")
+    ignored: list[str] = []
+    found = _walk_classes([root], ignored)
+    prefix = root.name + "/"
+    candidates, seen = [], set()
+    for _, _, rel, identity in sorted(found, key=lambda f: f[:3]):
+        rel = rel.removeprefix(prefix)
+        if identity in seen:
+            ignored.append(rel)
+            continue
+        seen.add(identity)
+        candidates.append(Candidate(path=rel, label=UNLABELED, kind="file", ref=str(root / rel)))
+    candidates.sort(key=lambda c: c.path)
+    return candidates, sorted(i.removeprefix(prefix) for i in ignored)
+
+
+def resolve(spec: str, *, image_size: int = 32, seed: int = 0, unlabeled: bool = False) -> Source:
     """The ImageFolder tree ``spec`` as a :class:`Source` (``image_size`` and ``seed`` are unused:
-    files are read as they are)."""
+    files are read as they are); with ``unlabeled``, every image under it, without labels."""
+    if unlabeled:
+        cands, ignored = list_unlabeled_folder(spec)
+        return Source(spec=spec, candidates=cands, class_names=[], ignored=ignored)
     cands, names, ignored = list_image_folder(spec)
     return Source(spec=spec, candidates=cands, class_names=names, ignored=ignored)
 

@@ -11,7 +11,7 @@ from typing import Any
 from deitpipe.shards import storage
 from deitpipe.shards.format.reader import expand_urls
 from deitpipe.shards.format.tarsamples import group_members, tarfile_members
-from deitpipe.shards.inputs.base import Candidate, Input, Source
+from deitpipe.shards.inputs.base import UNLABELED, Candidate, Input, Source
 from deitpipe.shards.specs import is_remote, is_tar_spec
 
 # Member extensions taken as the image of a WebDataset sample, in order of preference.
@@ -25,7 +25,7 @@ def _tar_label(sample: dict[str, Any]) -> int | None:
         return None
 
 
-def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
+def list_webdataset(urls: str, *, unlabeled: bool = False) -> tuple[list[Candidate], list[tuple[str, str]]]:
     """List samples of existing WebDataset tars that have a ``cls`` and an image member.
 
     An uncompressed tar on local disk or in object storage (``s3://``) is indexed, not loaded:
@@ -40,6 +40,7 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
 
     Args:
         urls: Brace pattern, path, ``pipe:`` command or ``s3://`` URL (see ``reader.expand_urls``).
+        unlabeled: list samples with or without ``cls``, every one ``UNLABELED``.
 
     Returns:
         ``(candidates in stored order, skipped (path, reason))``; paths are ``url#key``.
@@ -59,11 +60,11 @@ def list_webdataset(urls: str) -> tuple[list[Candidate], list[tuple[str, str]]]:
         for sample in _tar_samples(url, local if seekable and not in_bucket else None, index=seekable):
             key = sample["__key__"]
             path = f"{url}#{key}"
-            label = _tar_label(sample)
+            label = UNLABELED if unlabeled else _tar_label(sample)
             member = next((m for m in TAR_IMAGE_MEMBERS if m in sample), None)
             if key in keys:
                 skipped.append((path, f"duplicate sample key {key} in {url}"))
-            elif label is None or label < 0:
+            elif label is None or (label < 0 and not unlabeled):
                 skipped.append((path, "no integer cls member"))
             elif member is None:
                 skipped.append((path, f"no image member (one of {', '.join(TAR_IMAGE_MEMBERS)})"))
@@ -131,10 +132,10 @@ def _header_watch() -> tuple[type[tarfile.TarInfo], list[tarfile.HeaderError | N
     return _Info, last
 
 
-def resolve(spec: str, *, image_size: int = 32, seed: int = 0) -> Source:
+def resolve(spec: str, *, image_size: int = 32, seed: int = 0, unlabeled: bool = False) -> Source:
     """The tars ``spec`` as a :class:`Source`, with classes ``0..max(cls)`` (``image_size`` and
-    ``seed`` are unused: members are read as they are)."""
-    cands, skipped = list_webdataset(spec)
+    ``seed`` are unused: members are read as they are); with ``unlabeled``, no labels."""
+    cands, skipped = list_webdataset(spec, unlabeled=unlabeled)
     num_classes = max((c.label for c in cands), default=-1) + 1
     names = [str(i) for i in range(num_classes)]
     return Source(spec=spec, candidates=cands, class_names=names, skipped=skipped)
