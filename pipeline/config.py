@@ -41,6 +41,9 @@ class LabelConfig:
     image_size: int = option(32, "Size embedded digits are rendered at.", low=8)
     resize: int | None = option(None, "Override the teacher's resize (short side).", low=1)
     crop: int | None = option(None, "Override the teacher's input (crop) size.", low=1)
+    view_size: int | None = option(None, "Cut each view at this side (the student's input size, e.g. 32) and give "
+                                   "the teacher that view resized to its own input: the teacher labels the "
+                                   "student's exact pixels. Default: views at the teacher's crop.", low=1)
     interpolation: str | None = option(None, "Override the teacher's interpolation.",
                                        choices=("bilinear", "bicubic", "nearest"))
     launcher: str | None = option(None, "Who runs the teacher: 'local' (this process; threads decode ahead of one "

@@ -274,7 +274,8 @@ def _is_complete(out: str) -> bool:
 
 def _decode_kwargs(config: LabelConfig, info: TeacherInfo) -> dict[str, Any]:
     return dict(seed=config.seed, views=config.views, prep=info.preprocessing.to_dict(), min_scale=config.min_scale,
-                max_pixels=config.max_pixels if config.max_pixels is not None else DEFAULT_MAX_PIXELS)
+                max_pixels=config.max_pixels if config.max_pixels is not None else DEFAULT_MAX_PIXELS,
+                view_size=config.view_size)
 
 
 def _teacher_kwargs(config: LabelConfig, teacher_kwargs: dict[str, Any], device: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from deitpipe.shards.format.image import (
     ImageDecodeError,
     cut_views,
     decode_image,
+    upsample_views,
     sniff_image_type,
     storable_image,
 )
@@ -49,9 +50,13 @@ class LabelError(RuntimeError):
 
 def image_views(
     data: bytes, *, key: str, seed: int, views: int, prep: Preprocessing, min_scale: float = 0.08,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS, view_size: int | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Decode one image and cut its global view plus ``views`` random views at the teacher's size.
+
+    With ``view_size`` the views are cut at that size (the student's input) and then resized to
+    the teacher's (``shards.format.image.upsample_views``): the teacher labels the student's exact
+    pixels, larger.
 
     Args:
         data: the image file's bytes.
@@ -61,6 +66,7 @@ def image_views(
         prep: teacher preprocessing (resize, crop, interpolation).
         min_scale: smallest crop area of a random view.
         max_pixels: larger images are refused as decompression bombs.
+        view_size: the side views are cut at (None: the teacher's crop).
     Returns:
         ``({"height", "width", "box" (V+1, 4), "flip" (V+1,)}, pixels (V+1, 3, S, S) uint8)``.
     Raises:
@@ -73,7 +79,8 @@ def image_views(
     g = global_box(height=height, width=width, resize=prep.resize, crop=prep.crop)
     boxes = np.concatenate([np.asarray([g], dtype=schema.BOX_DTYPE), boxes])  # (V+1, 4)
     flips = np.concatenate([np.zeros(1, dtype=schema.FLIP_DTYPE), flips])  # (V+1,)
-    pixels = cut_views(img, boxes, flips, prep.crop, interpolation=prep.interpolation).numpy()
+    pixels = cut_views(img, boxes, flips, view_size or prep.crop, interpolation=prep.interpolation)
+    pixels = upsample_views(pixels, prep.crop).numpy()
     return {"height": height, "width": width, "box": boxes, "flip": flips}, pixels
 
 
@@ -101,7 +108,7 @@ def _candidate(item: dict[str, Any]) -> Candidate:
 
 
 def decode_chunk(items: list[dict[str, Any]], *, seed: int, views: int, prep: dict[str, Any], min_scale: float = 0.08,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, view_size: int | None = None) -> dict[str, np.ndarray]:
     """Read and decode a chunk's images and cut their views; an undecodable one comes back with
     ``ok`` False and its reason.
 
@@ -122,7 +129,8 @@ def decode_chunk(items: list[dict[str, Any]], *, seed: int, views: int, prep: di
     for i, item in enumerate(items):
         try:
             geo, pixels = image_views(read_bytes(_candidate(item)), key=schema.sample_key(int(item["index"])),
-                                      seed=seed, views=views, prep=prep_, min_scale=min_scale, max_pixels=max_pixels)
+                                      seed=seed, views=views, prep=prep_, min_scale=min_scale, max_pixels=max_pixels,
+                                      view_size=view_size)
         except (ImageDecodeError, OSError) as exc:
             out["reason"][i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             continue

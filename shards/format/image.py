@@ -247,6 +247,16 @@ def cut_views(
     return torch.stack(views)  # (N, 3, H, W)
 
 
+def upsample_views(views: torch.Tensor, size: int) -> torch.Tensor:
+    """Views cut at the student's size, resized to the teacher's input: (N, 3, s, s) uint8 ->
+    (N, 3, size, size) uint8, bilinear (half-pixel centres), rounded. A pure function of the
+    student's pixels, so the teacher labels exactly what the student will see, only larger."""
+    if views.shape[-1] == size and views.shape[-2] == size:
+        return views
+    up = torch.nn.functional.interpolate(views.float(), size=(size, size), mode="bilinear", align_corners=False)
+    return up.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def storable_image(data: bytes, img: Image.Image) -> tuple[bytes, str]:
     """Bytes and extension to store for an input: the original when its type is in the schema.
 
