@@ -51,7 +51,8 @@ def launch(config: TrainConfig, *, info: dict[str, Any], mode: str, out: str,
 
 
 def _bar(config: TrainConfig, info: dict[str, Any], world: int) -> Progress:
-    steps = steps_per_epoch(info["samples"], batch_size=config.batch_size, world_size=world)
+    steps = steps_per_epoch(info["samples"], batch_size=config.batch_size, world_size=world,
+                            repeats=config.epoch_repeats)
     return Progress(config.epochs * steps, desc="train-student", unit="step", enabled=config.progress)
 
 

@@ -207,6 +207,8 @@ def _prepare_out(out: str, config: TrainConfig, *, num_classes: int, manifest: s
             raise TrainError(f"{student} has a {head.shape[0]}-class head but {manifest} lists {num_classes} "
                              "classes; pass --overwrite or choose another --out")
     if old is not None:
+        # A field the run's config.json lacks (written by an earlier version) has its default.
+        old = {**_comparable(TrainConfig()), **old}
         same = {k: v for k, v in old.items() if k not in _RUNTIME} == _comparable(config)
         recorded = old.get(LABEL_SET)
         if config.overwrite:

@@ -47,6 +47,9 @@ class TrainConfig:
     drop_path: float = option(0.1, "Stochastic depth rate.", low=0, high=1, open_high=True)
     epochs: int = option(300, "Epochs.", low=1)
     batch_size: int = option(64, "Batch size per worker.", low=1)
+    epoch_repeats: float = option(1.0, "Passes over the label set an epoch (timm's --epoch-repeats), each with "
+                                  "its own order and views: a small set trains as many steps an epoch as a "
+                                  "larger one.", low=0, open_low=True)
     lr: float = option(5e-4, "Learning rate for a global batch of 512 (scaled linearly).", low=0, open_low=True)
     weight_decay: float = option(0.05, "AdamW weight decay (not on norms, biases, tokens, position embedding).",
                                  low=0)

@@ -143,9 +143,12 @@ class Augment:
         return v2.Compose(ops)
 
 
-def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int) -> int:
-    """Optimizer steps per epoch so that an epoch covers the data set about once."""
-    return max(1, num_samples // (batch_size * world_size))
+_PASS_STRIDE = 1_000_003  # draw_epoch of a further pass within an epoch: never another epoch's
+
+
+def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int, repeats: float = 1.0) -> int:
+    """Optimizer steps per epoch so that an epoch covers the data set about ``repeats`` times."""
+    return max(1, int(num_samples * repeats) // (batch_size * world_size))
 
 
 class ShardReplay(IterableDataset):
@@ -188,10 +191,10 @@ class ShardReplay(IterableDataset):
             raise ValueError(f"class_targets must be hard or soft, got {class_targets!r}")
         self.class_targets = class_targets
         self.transform = augment.build()
-        self.epoch = 0
+        self.epoch = self.draw_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = self.draw_epoch = epoch
 
     def __len__(self) -> int:
         return self.steps * self.batch_size
@@ -216,7 +219,10 @@ class ShardReplay(IterableDataset):
             if n == len(mine) and produced == 0:  # a whole pass yielded nothing: it never will
                 raise ValueError(f"shards {', '.join(shard_name(u) for u in mine)} hold no samples")
             raw = read_shard(url, sha256=self.checksums.get(url))
-            order = epoch_sample_order(num_samples=len(raw), seed=self.seed, epoch=self.epoch,
+            # A rank that passes over its shards more than once an epoch (a short rank, or
+            # --epoch-repeats) draws other orders and views on each further pass.
+            self.draw_epoch = self.epoch + (n // len(mine)) * _PASS_STRIDE
+            order = epoch_sample_order(num_samples=len(raw), seed=self.seed, epoch=self.draw_epoch,
                                        shard=shard_name(url))
             for i in order:
                 yield self.example(self._decoded(raw[i], url))
@@ -239,10 +245,10 @@ class ShardReplay(IterableDataset):
         ``height`` x ``width`` image, labelled with the global view (row 0): the fixed teacher.
         """
         if self.teacher_labels == "views":
-            view = epoch_view_index(seed=self.seed, epoch=self.epoch, key=sample["key"],
+            view = epoch_view_index(seed=self.seed, epoch=self.draw_epoch, key=sample["key"],
                                     num_views=len(sample["box"]) - 1)  # sets of other V may be mixed
             return view, tuple(int(v) for v in sample["box"][view]), bool(sample["flip"][view])
-        boxes, flips = random_view_boxes(seed=self.seed * 1_000_003 + self.epoch + _FRESH_CROP_TAG,
+        boxes, flips = random_view_boxes(seed=self.seed * 1_000_003 + self.draw_epoch + _FRESH_CROP_TAG,
                                          key=sample["key"], num_views=1, height=height, width=width,
                                          scale=self.scale)
         return 0, tuple(int(v) for v in boxes[0]), bool(flips[0])

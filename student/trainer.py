@@ -100,7 +100,8 @@ def train(cfg: TrainConfig, *, info: dict[str, Any], mode: str, out: str | Path,
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    steps = steps_per_epoch(info["samples"], batch_size=cfg.batch_size, world_size=world)
+    steps = steps_per_epoch(info["samples"], batch_size=cfg.batch_size, world_size=world,
+                            repeats=cfg.epoch_repeats)
     optimizer = build_optimizer(model, lr=scaled_lr(cfg.lr, cfg.batch_size * world), weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, epochs=cfg.epochs, steps_per_epoch=steps,
                                 warmup_epochs=cfg.warmup_epochs, min_lr=cfg.min_lr)

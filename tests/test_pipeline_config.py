@@ -56,7 +56,8 @@ def test_each_option_is_its_config_field(command, cls):
     params = {p.name: p for p in main.commands[command].params if p.name != "help"}
     assert set(params) == {f.name for f in declared}
     for f in declared:
-        assert params[f.name].default == f.default, f.name
+        default = (f.default,) if f.metadata.get("multiple") else f.default  # given once or more
+        assert params[f.name].default == default, f.name
         assert params[f.name].help == f.metadata["help"], f.name
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from deitpipe.pipeline.config import DEMO_DEFAULTS, DemoConfig
-from deitpipe.pipeline.demo import _check_same_data, format_results, student_config
+from deitpipe.pipeline.demo import _check_same_data, format_results, rows, student_config
 from deitpipe.shards.inputs.embedded import digits_image_folder
 
 
@@ -29,9 +29,18 @@ def test_student_follows_the_data_sets_patch_and_input_size(tmp_path):
     for data in DEMO_DEFAULTS:
         cfg = student_config(DemoConfig(data=data), shards=tmp_path, out=tmp_path, val=tmp_path, distillation="hard")
         assert cfg.patch_size == DEMO_DEFAULTS[data]["patch_size"] and cfg.teacher_labels == "views"
-        # the student reads its views at the teacher's input size, so a stored view is its input
-        assert cfg.img_size == DEMO_DEFAULTS[data]["img_size"] and cfg.img_size % cfg.patch_size == 0
+        # label-teacher cuts the views at the student's size, so a stored view is its input
+        assert cfg.img_size == DEMO_DEFAULTS[data]["student_size"] and cfg.img_size % cfg.patch_size == 0
         assert cfg.epochs == DEMO_DEFAULTS[data]["student_epochs"]
+
+
+def test_rows_compare_each_distilled_student_with_its_baseline_at_equal_steps():
+    table = {r.key: r for r in rows(DemoConfig())}
+    assert table["distilled"].baseline == "none" and table["few_teacher"].baseline == "few"
+    few, both = table["few"], table["few_teacher"]
+    assert few.shards == both.shards[:1] and few.distillation == "none" and both.distillation == "hard"
+    assert 100 * few.epoch_repeats == 1200  # K=10: 100 images passed 12 times an epoch, as many steps as 1,200
+    assert [r.key for r in rows(DemoConfig(labels_per_class=0))] == ["none", "distilled"]
 
 
 def test_an_output_of_one_data_set_is_not_resumed_as_another(tmp_path):
@@ -42,8 +51,18 @@ def test_an_output_of_one_data_set_is_not_resumed_as_another(tmp_path):
     _check_same_data(tmp_path / "fresh", "cluttered-digits")  # nothing there yet
 
 
-def test_table_names_the_data_set():
-    evals = {name: {"top1_avg": 50.0, "top1_cls": 49.0, "top1_dist": 51.0, "n": 597} for name in ("none", "distilled")}
-    text = format_results({"teacher_top1": 90.0, "students": evals, "held_out_images": 597, "seconds": 1.0,
-                           "stage_seconds": {}, "config": json.loads(json.dumps({"data": "cluttered-digits"}))})
-    assert "597 images of cluttered-digits" in text and "student (hard, stored views)" in text
+def test_table_names_the_data_set_and_each_rows_gain():
+    evals = {name: {"top1_avg": top1, "top1_cls": 49.0, "top1_dist": 51.0, "n": 597}
+             for name, top1 in (("none", 40.0), ("distilled", 42.5), ("few", 20.0), ("few_teacher", 38.0))}
+    names = {"none": "every label, no distillation", "distilled": "every label + stored views (hard)",
+             "few": "10 labels a class alone", "few_teacher": "10 labels a class + teacher on the rest"}
+    base = {"distilled": "none", "few_teacher": "few"}
+    table = [{"name": names[k], "top1": e["top1_avg"], "baseline": names.get(base.get(k)), "seconds": 1.0}
+             for k, e in evals.items()]
+    text = format_results({"teacher_top1": 90.0, "students": evals, "rows": table, "held_out_images": 597,
+                           "seconds": 1.0, "stage_seconds": {},
+                           "config": json.loads(json.dumps({"data": "cluttered-digits"}))})
+    assert "597 images of cluttered-digits" in text
+    line = next(x for x in text.splitlines() if "teacher on the rest" in x)
+    assert "+18.00" in line and line.rstrip().endswith("10 labels a class alone")
+    assert "+2.50" in next(x for x in text.splitlines() if "stored views" in x)
