@@ -1,15 +1,16 @@
-"""The fidelity table: does replaying stored views come within noise of the live teacher?
+"""The fidelity table: what does a student distilled from stored labels gain, beyond noise?
 
 On an embedded data set (cluttered digits by default, ``--data digits`` for the plain ones:
-1,200 training / 597 held-out images, 32 px), the demo's teacher, views and student, several seeds
-each, held-out top-1 of the averaged heads of:
-    no distillation;
-    hard / soft distillation from the global label only (fixed teacher, fresh crops);
-    hard / soft distillation from stored views, replayed;
-    hard / soft distillation from the teacher run live on the student's batch.
-Each row gives mean ± sd over seeds and, for its difference from "no distillation" and from the
-live teacher of the same kind (hard or soft), the mean difference and its standard error, both
-paired by seed (a seed fixes a student's initial weights and data order in every row) and
+1,200 training / 597 held-out images, 32 px), the demo's teacher, views and students
+(``pipeline/demo.py``), several seeds each, held-out top-1 of the averaged heads, the mean of the
+last ``--last`` evaluations (less noise than the last one alone), of:
+    same data: no distillation; hard / soft distillation from stored views, replayed; hard
+    distillation from the teacher run live on the student's batch;
+    few labels: K labels a class alone (as many steps as the others, --epoch-repeats); K labels
+    and the teacher's labels on the other 1,200 - 10K images (label-teacher --unlabeled); the
+    student with every label (no distillation) is the ceiling.
+Each row gives mean ± sd over seeds and the mean difference from its baseline with its standard
+error, paired by seed (a seed fixes a student's initial weights and data order in every row) and
 unpaired (Welch). Every student is evaluated after each epoch, so the curves show whether the
 schedule was long enough.
 
@@ -43,7 +44,7 @@ from deitpipe.pipeline.config import DEMO_DEFAULTS, LabelConfig
 from deitpipe.pipeline.demo import DemoConfig, _check_same_data, _teacher, student_config
 from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.launch import online_teacher_fn
-from deitpipe.pipeline.train import teacher_labels_mode
+from deitpipe.pipeline.train import shard_sets_info, teacher_labels_mode
 from deitpipe.shards.format.manifest import write_json_atomic
 from deitpipe.shards.format.reader import expand_urls
 from deitpipe.shards.inputs.embedded import digits_image_folder
@@ -51,23 +52,29 @@ from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.student.engine import MixupCutmix
 from deitpipe.student.trainer import train
 
-NONE, LIVE = "no distillation", "live teacher"
-ROWS = [(NONE, "none", None, False), ("fixed teacher, hard", "hard", "global", False),
-        ("fixed teacher, soft", "soft", "global", False), ("stored views, hard", "hard", "views", False),
-        ("stored views, soft", "soft", "views", False), (f"{LIVE}, hard", "hard", None, True),
-        (f"{LIVE}, soft", "soft", None, True)]
+NONE, LIVE = "no distillation", "live teacher, hard"
+FEW, FEW_TEACHER = "K labels alone", "K labels + teacher on the rest, hard"
+# name -> (distillation, teacher labels, live teacher, shard sets, baseline); "K" is --labels-per-class.
+ROWS = {
+    NONE: ("none", None, False, ("all",), None),
+    "stored views, hard": ("hard", "views", False, ("all",), NONE),
+    "stored views, soft": ("soft", "views", False, ("all",), NONE),
+    LIVE: ("hard", None, True, ("all",), NONE),
+    FEW: ("none", None, False, ("labeled",), None),
+    FEW_TEACHER: ("hard", "views", False, ("labeled", "unlabeled"), FEW),
+}
 # What the student's input goes through, step by step, for the consistency measure: DeiT's
 # RandAugment (rand-m9-mstd0.5), random erasing 0.25, mixup 0.8 / cutmix 1.0 (switch 0.5).
 INPUTS = [("un-augmented view (flip only)", None, 0.0, False), ("+ RandAugment", 9.0, 0.0, False),
           ("+ RandAugment + erasing", 9.0, 0.25, False), ("+ RandAugment + erasing + mixup/cutmix", 9.0, 0.25, True)]
 
 
-def train_one(cfg, *, info, online, out: Path) -> dict:
+def train_one(cfg, *, info, online, out: Path, last: int) -> dict:
     """Train one student with train-student's core in this process (or reuse a finished one).
 
     Returns:
-        ``{"top1": held-out top-1 of the averaged heads after the last epoch, "curve": the same
-        after every epoch, "seconds": training time}``.
+        ``{"top1": mean held-out top-1 of the averaged heads over the last ``last`` epochs,
+        "final": after the last epoch, "curve": after every epoch, "seconds": training time}``.
     """
     done = out / "result.json"
     if done.exists():
@@ -77,7 +84,8 @@ def train_one(cfg, *, info, online, out: Path) -> dict:
     history = train(replace(cfg, out=str(out)), info=info, mode=mode, out=out, device=torch.device("cpu"),
                     cpus=torch.get_num_threads(), save=lambda state, metrics: None, online_teacher=online)
     curve = [round(h["val_top1_avg"], 2) for h in history]
-    result = {"top1": curve[-1], "curve": curve, "seconds": round(time.perf_counter() - start, 1)}
+    result = {"top1": round(statistics.mean(curve[-last:]), 2), "final": curve[-1], "curve": curve,
+              "seconds": round(time.perf_counter() - start, 1)}
     write_json_atomic(done, result)
     return result
 
@@ -116,7 +124,8 @@ def _diff(a: list[float], b: list[float]) -> dict:
 
 
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per row: scores, mean, sd, mean curve, and its differences from no distillation and the live teacher."""
+    """Per row: scores, mean, sd, mean curve, and its difference from its baseline (and, for the
+    few-label rows, from the student with every label, the ceiling)."""
     table = {}
     for name, runs in results.items():
         scores = [r["top1"] for r in runs]
@@ -124,25 +133,28 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
         row = {"scores": scores, "mean": statistics.mean(scores),
                "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                "curve": [round(statistics.mean(r["curve"][e] for r in runs), 2) for e in range(epochs)]}
-        live = f"{LIVE}, {name.rsplit(', ', 1)[-1]}" if name != NONE else None
-        for key, other in (("vs_none", NONE), ("vs_live", live)):
-            if other and other != name and other in results and len(results[other]) == len(runs):
-                row[key] = _diff(scores, [r["top1"] for r in results[other]])
+        baseline = ROWS[name][4]
+        others = (("vs_baseline", baseline), ("vs_ceiling", NONE if ROWS[name][3] != ("all",) else None))
+        for key, other in others:
+            if other and other in results and len(results[other]) == len(runs):
+                row[key] = {"row": other, **_diff(scores, [r["top1"] for r in results[other]])}
         table[name] = row
     return table
 
 
 def markdown(table: dict[str, dict], seeds: list[int]) -> str:
     """The table as BENCHMARKS.md shows it."""
-    diffs = " | − none (SE paired / unpaired) | − live (SE paired / unpaired) |"
-    lines = ["| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd" + diffs,
-             "|" + "---|" * (len(seeds) + 4)]
+    lines = ["| student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | − baseline (SE paired / "
+             "unpaired) | paired SEs | − every label |", "|" + "---|" * (len(seeds) + 5)]
     for name, row in table.items():
         cells = [f"{v:.2f}" for v in row["scores"]]
-        diffs = [f"{row[k]['mean']:+.2f} ({row[k]['se_paired']:.2f} / {row[k]['se_unpaired']:.2f})" if k in row
-                 else "" for k in ("vs_none", "vs_live")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean']:.2f} ± {row['sd']:.2f} | "
-                     + " | ".join(diffs) + " |")
+        d = row.get("vs_baseline")
+        vs = f"{d['mean']:+.2f} ({d['se_paired']:.2f} / {d['se_unpaired']:.2f}) vs {d['row']}" if d else ""
+        ratio = f"{d['mean'] / d['se_paired']:.1f}" if d and d["se_paired"] > 0 else ""
+        c = row.get("vs_ceiling")
+        ceiling = f"{c['mean']:+.2f} ({c['se_paired']:.2f})" if c else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean']:.2f} ± {row['sd']:.2f} | {vs} | "
+                     f"{ratio} | {ceiling} |")
     return "\n".join(lines)
 
 
@@ -156,6 +168,16 @@ def curves_markdown(table: dict[str, dict], points: int = 10) -> str:
     return "\n".join(lines)
 
 
+def _label(out: Path, folder: str, spec: str, demo: DemoConfig, weights: str, *, unlabeled: bool = False) -> Path:
+    shards = out / folder
+    if not (shards / "manifest.json").exists() or not json.loads((shards / "manifest.json").read_text()).get("complete"):
+        label_teacher(LabelConfig(data=spec, out=str(shards), teacher=demo.teacher, teacher_weights=weights,
+                                  views=demo.views, min_scale=demo.min_scale, view_size=demo.student_size,
+                                  unlabeled=unlabeled, shard_size=300, device="cpu", launcher="local",
+                                  progress=False))
+    return shards
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="fidelity-out")
@@ -163,47 +185,51 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--labels-per-class", type=int, default=10, help="K of the few-label rows")
+    parser.add_argument("--last", type=int, default=3, help="a student's score: mean of its last N evaluations")
     parser.add_argument("--rows", nargs="+", default=None, help="subset of row names")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--summary", action="store_true", help="only print the table of the finished students")
+    parser.add_argument("--no-agreement", action="store_true", help="skip the consistency measure")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.teacher_epochs = [0, 1], 1, 1
     torch.set_num_threads(args.threads)
+    k = args.labels_per_class
     demo = DemoConfig(out=args.out, data=args.data, teacher_epochs=args.teacher_epochs, student_epochs=args.epochs,
-                      progress=False)
+                      labels_per_class=k, progress=False)
     out = Path(args.out)
     _check_same_data(out, demo.data)  # every stage below resumes: one data set per output directory
     data = digits_image_folder(out / "data", image_size=demo.image_size, seed=0, kind=demo.data)
     teacher = _teacher(demo, data / "train", data / "val", out / "teacher" / "teacher.pt")
-    if not (out / "shards" / "manifest.json").exists():
-        label_teacher(LabelConfig(data=str(data / "train"), out=str(out / "shards"), teacher=demo.teacher,
-                                  teacher_weights=teacher["weights"], views=demo.views, min_scale=demo.min_scale,
-                                  shard_size=300, device="cpu", progress=False))
-    urls = expand_urls(str(out / "shards"))
-    info = {"urls": urls, "num_classes": 10, "views": demo.views, "samples": 1200}
+    sets = {"all": _label(out, "shards", f"{demo.data}:train", demo, teacher["weights"]),
+            "labeled": _label(out, f"shards-labeled-{k}", f"{demo.data}:labeled-{k}", demo, teacher["weights"]),
+            "unlabeled": _label(out, f"shards-unlabeled-{k}", f"{demo.data}:unlabeled-{k}", demo, teacher["weights"],
+                                unlabeled=True)}
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": demo.data,
                       "teacher": demo.teacher, "teacher_top1": round(100 * teacher["val_top1"], 2),
-                      "epochs": demo.student_epochs, "seeds": args.seeds, "views": demo.views,
-                      "min_scale": demo.min_scale, "img_size": demo.img_size, "patch_size": demo.patch_size}),
-          flush=True)
-    base = student_config(demo, shards=out / "shards", out=out / "unused", val=data / "val", distillation="hard")
+                      "epochs": demo.student_epochs, "seeds": args.seeds, "views": demo.views, "labels_per_class": k,
+                      "min_scale": demo.min_scale, "teacher_size": demo.img_size, "student_size": demo.student_size,
+                      "patch_size": demo.patch_size, "last": args.last}), flush=True)
+    base = student_config(demo, shards=sets["all"], out=out / "unused", val=data / "val", distillation="hard")
     live_cfg = replace(base, online_teacher=demo.teacher, teacher_weights=teacher["weights"])
     live = online_teacher_fn(live_cfg, 10, torch.device("cpu"))
+    urls = expand_urls(str(sets["all"]))
     agreement = out / "agreement.json"
-    if not args.summary and not agreement.exists():
+    if not args.summary and not args.no_agreement and not agreement.exists():
         found = [{"labels": mode, "input": name, "agree_pct": round(label_agreement(
-            urls=urls, views=demo.views, teacher=live, mode=mode, min_scale=demo.min_scale, img_size=demo.img_size,
-            rand_augment=ra, random_erasing=erase, mixup=mix), 2)}
+            urls=urls, views=demo.views, teacher=live, mode=mode, min_scale=demo.min_scale,
+            img_size=demo.student_size, rand_augment=ra, random_erasing=erase, mixup=mix), 2)}
             for mode in ("views", "global") for name, ra, erase, mix in INPUTS]
         write_json_atomic(agreement, found)
     for line in json.loads(agreement.read_text()) if agreement.exists() else []:
         print(json.dumps({"measure": "training target == live teacher on the same pixels", **line}), flush=True)
     results: dict[str, list[dict]] = {}
-    for name, distillation, labels, online in ROWS:
+    for name, (distillation, labels, online, which, _) in ROWS.items():
         if args.rows and name not in args.rows:
             continue
+        info = shard_sets_info(tuple(str(sets[w]) for w in which))
         runs = []
         for seed in args.seeds:
             folder = out / "students" / f"{name.replace(' ', '-').replace(',', '')}-{seed}"
@@ -212,8 +238,9 @@ def main() -> None:
                     runs.append(json.loads((folder / "result.json").read_text()))
                 continue
             cfg = replace(base, distillation=distillation, seed=seed,
-                          teacher_labels=labels if distillation != "none" else None)
-            runs.append(train_one(cfg, info=info, online=live if online else None, out=folder))
+                          teacher_labels=labels if distillation != "none" else None,
+                          epoch_repeats=1200 / info["samples"] if which == ("labeled",) else 1.0)
+            runs.append(train_one(cfg, info=info, online=live if online else None, out=folder, last=args.last))
             print(json.dumps({"row": name, "seed": seed, **runs[-1]}), flush=True)
         if len(runs) == len(args.seeds):
             results[name] = runs
@@ -224,8 +251,8 @@ def main() -> None:
     if table:
         print(curves_markdown(table))
     write_json_atomic(out / "fidelity.json", {"config": {**vars(args), **{k: getattr(demo, k) for k in (
-        "data", "teacher", "teacher_epochs", "student_epochs", "views", "min_scale", "img_size", "patch_size")}},
-        "teacher_top1": 100 * teacher["val_top1"], "table": table})
+        "data", "teacher", "teacher_epochs", "student_epochs", "views", "min_scale", "img_size", "student_size",
+        "patch_size")}}, "teacher_top1": 100 * teacher["val_top1"], "table": table})
 
 
 if __name__ == "__main__":

@@ -34,16 +34,18 @@ def test_differences_are_paired_by_seed_and_unpaired(fidelity):
     assert d["se_paired"] < d["se_unpaired"]  # seeds move both rows together here
 
 
-def test_each_row_is_compared_with_none_and_the_live_teacher_of_its_kind(fidelity):
+def test_each_row_is_compared_with_its_baseline_and_few_labels_with_the_ceiling(fidelity):
     results = {"no distillation": runs([50, 52, 48]), "stored views, hard": runs([60, 61, 59]),
-               "stored views, soft": runs([55, 56, 57]), "live teacher, hard": runs([62, 60, 61]),
-               "live teacher, soft": runs([58, 58, 58])}
+               "live teacher, hard": runs([62, 60, 61]), "K labels alone": runs([20, 25, 21]),
+               "K labels + teacher on the rest, hard": runs([40, 44, 42])}
     table = fidelity.summarise(results)
-    assert "vs_none" not in table["no distillation"] and "vs_live" not in table["no distillation"]
-    assert table["stored views, hard"]["vs_none"]["mean"] == pytest.approx(10.0)
-    assert table["stored views, hard"]["vs_live"]["mean"] == pytest.approx(-1.0)
-    assert table["stored views, soft"]["vs_live"]["mean"] == pytest.approx(-2.0)
-    assert "vs_live" not in table["live teacher, hard"]
+    assert "vs_baseline" not in table["no distillation"] and "vs_baseline" not in table["K labels alone"]
+    assert table["stored views, hard"]["vs_baseline"]["mean"] == pytest.approx(10.0)
+    assert table["live teacher, hard"]["vs_baseline"]["row"] == "no distillation"
+    few = table["K labels + teacher on the rest, hard"]
+    assert few["vs_baseline"]["row"] == "K labels alone" and few["vs_baseline"]["mean"] == pytest.approx(20.0)
+    assert few["vs_ceiling"]["mean"] == pytest.approx(-8.0)  # below the student with every label
+    assert "vs_ceiling" not in table["stored views, hard"]
     assert table["no distillation"]["curve"] == [46.0, 48.0, 50.0]  # mean over seeds, per epoch
     text = fidelity.markdown(table, [0, 1, 2])
     assert text.count("\n") == len(results) + 1
@@ -52,7 +54,7 @@ def test_each_row_is_compared_with_none_and_the_live_teacher_of_its_kind(fidelit
 
 def test_a_row_missing_seeds_gets_no_difference(fidelity):
     table = fidelity.summarise({"no distillation": runs([50, 52]), "stored views, hard": runs([60, 61, 59])})
-    assert "vs_none" not in table["stored views, hard"]
+    assert "vs_baseline" not in table["stored views, hard"]
 
 
 def test_curves_table_samples_the_mean_curve_up_to_the_last_epoch(fidelity):
