@@ -1,4 +1,5 @@
-"""What Ray costs in stage one: label-teacher images/s against a plain PyTorch loop on the same inputs.
+"""What each launcher costs in stage one: label-teacher images/s, in this process (--launcher local)
+and on Ray (--launcher ray), against a plain PyTorch loop on the same inputs.
 
 The plain loop does the same work per image and per batch without Ray: DataLoader workers run
 ``image_views`` (decode + global view + V random views at the teacher's size, exactly what
@@ -98,12 +99,12 @@ def plain_run(data: str, args: argparse.Namespace, weights: Path) -> dict:
             "steady_img_s": (labelled - first[1]) / (end - first[0]) if labelled > first[1] else None}
 
 
-def ray_run(data: str, out: Path, args: argparse.Namespace, weights: Path) -> dict:
-    """Label ``data`` with label-teacher into ``out`` (Ray already running)."""
+def ray_run(data: str, out: Path, args: argparse.Namespace, weights: Path, launcher: str = "ray") -> dict:
+    """Label ``data`` with label-teacher into ``out`` with ``launcher`` (Ray already running)."""
     config = LabelConfig(data=data, out=str(out), teacher=args.teacher, teacher_weights=str(weights),
                          views=args.views, topk=args.topk, shard_size=args.shard_size,
                          batch_size=args.batch_size, image_size=args.image_size, progress=False,
-                         device="cpu", overwrite=True)
+                         device="cpu", overwrite=True, launcher=launcher)
     start = time.perf_counter()
     manifest = label_teacher(config)
     seconds = time.perf_counter() - start
@@ -169,11 +170,12 @@ def main() -> None:
         start = time.perf_counter()
         with ray_session(None):
             ray_init = time.perf_counter() - start
-            runs = {"plain": {}, "ray": {}}
+            runs = {"plain": {}, "local": {}, "ray": {}}
             # A first pass over one batch pays one-off costs (imports in Ray's worker pool, page
             # cache, oneDNN kernel selection); it is reported but not counted.
             for name in counts:  # interleaved, so drift in machine load hits both
                 runs["plain"][name] = plain_run(sets[name], args, weights)
+                runs["local"][name] = ray_run(sets[name], work / f"local-{name}", args, weights, launcher="local")
                 runs["ray"][name] = ray_run(sets[name], work / f"out-{name}", args, weights)
         rows = {m: summary(m, r["n"], r["2n"], n) for m, r in runs.items()}
         rows["ray"]["ray_init_s"] = ray_init
@@ -181,12 +183,14 @@ def main() -> None:
             row["warmup_s"] = runs[method]["warmup"]["seconds"]
         for row in rows.values():
             emit(row)
-        ray_row, plain_row = rows["ray"], rows["plain"]
-        ratio = (ray_row["marginal_img_s"] / plain_row["marginal_img_s"]
-                 if ray_row["marginal_img_s"] and plain_row["marginal_img_s"] else None)
-        emit({"ratio_marginal": ratio,
-              "ratio_end_to_end": ray_row["end_to_end_img_s"] / plain_row["end_to_end_img_s"],
-              "goal": 0.9, "images": 2 * n, "views": args.views})
+        plain_row = rows["plain"]
+        for method in ("local", "ray"):
+            row = rows[method]
+            ratio = (row["marginal_img_s"] / plain_row["marginal_img_s"]
+                     if row["marginal_img_s"] and plain_row["marginal_img_s"] else None)
+            emit({"launcher": method, "ratio_marginal": ratio,
+                  "ratio_end_to_end": row["end_to_end_img_s"] / plain_row["end_to_end_img_s"],
+                  "goal": 0.9, "images": 2 * n, "views": args.views})
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -85,7 +85,7 @@ def _plots(report: dict[str, Any], dest: str) -> list[str]:
     ax.set(xlabel="layer (0 = input)", ylabel="cos(class token, distillation token)", ylim=(-0.1, 1.05),
            title="Class vs distillation token")
     ax.grid(alpha=0.3)
-    paths.append(_save(fig, storage.join(dest, "token_similarity.png")))
+    paths.append(save_figure(fig, storage.join(dest, "token_similarity.png")))
     curves = report["curves"]
     if curves.get("epoch"):
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -100,11 +100,12 @@ def _plots(report: dict[str, Any], dest: str) -> list[str]:
         b.set(xlabel="epoch", ylabel="held-out top-1 (%)")
         if any(k.startswith("val_") for k in curves):
             b.legend()
-        paths.append(_save(fig, storage.join(dest, "curves.png")))
+        paths.append(save_figure(fig, storage.join(dest, "curves.png")))
     return paths
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
+    """Save a matplotlib figure as PNG to ``path`` (local or object storage), atomically, and close it."""
     import matplotlib.pyplot as plt  # optional dependency, imported by _plots before any call
 
     fig.tight_layout()

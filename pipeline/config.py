@@ -114,7 +114,7 @@ class DemoConfig:
     min_scale: float | None = option(None, f"Smallest view area, as a fraction (default {_demo_default('min_scale')}"
                                      "); the DeiT default 0.08 leaves a 32 px image a few pixels.", low=0, high=1,
                                      open_low=True)
-    labels_per_class: int = option(10, "Few-label rows: K labelled training images a class, alone and with the "
+    labels_per_class: int = option(2, "Few-label rows: K labelled training images a class, alone and with the "
                                    "teacher's labels on the rest ('NAME:labeled-K', 'NAME:unlabeled-K'); 0 skips them.",
                                    low=0, high=100)
     patch_size: int | None = None  # the student's patch side in px (library-only; default per data set)

@@ -24,12 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from deitpipe.pipeline.analyze import analyze_student
+from deitpipe.pipeline.analyze import analyze_student, save_figure
 from deitpipe.pipeline.config import DemoConfig, LabelConfig, TrainConfig, absolute_spec
 from deitpipe.pipeline.evaluate import evaluate_student
 from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.train import train_student
-from deitpipe.shards import storage
 from deitpipe.shards.format.manifest import write_json_atomic
 from deitpipe.shards.inputs.embedded import digits_image_folder
 from deitpipe.student.trainer import read_metrics
@@ -154,13 +153,7 @@ def _curves_plot(metrics: dict[str, list[dict]], teacher_top1: float, path: Path
     ax.set(xlabel="epoch", ylabel="held-out top-1 (%)", ylim=(0, 100), title="Students, held-out")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        with storage.atomic_output(path) as f:
-            fig.savefig(f, format="png", dpi=120)
-    finally:
-        plt.close(fig)
-    return [str(path)]
+    return [save_figure(fig, str(path))]
 
 
 def _check_same_data(out: Path, data: str) -> None:

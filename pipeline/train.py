@@ -158,12 +158,14 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
 
 
 def _check_batch(config: TrainConfig, *, samples: int) -> None:
-    """A global batch larger than the label set would repeat samples within every step."""
+    """A global batch larger than the label set (times --epoch-repeats) would repeat samples
+    within every step without being asked to."""
     world = {"local": 1, "ray": config.num_workers}.get(config.launcher) or int(os.environ.get("WORLD_SIZE", "1"))
-    if config.batch_size * world > samples:
+    if config.batch_size * world > samples * config.epoch_repeats:
         workers = f" x {world} workers" if world > 1 else ""
         raise TrainError(f"--batch-size {config.batch_size}{workers} is larger than the {samples} samples of --shards; "
-                         f"an epoch would repeat samples: pass --batch-size {max(1, samples // world)} or less")
+                         f"an epoch would repeat samples: pass --batch-size {max(1, samples // world)} or less "
+                         "(or ask for the repeats with --epoch-repeats)")
 
 
 def check_inputs(config: TrainConfig, *, num_classes: int) -> None:

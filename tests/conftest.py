@@ -251,3 +251,29 @@ class RecordingBar:
 
     def close(self):
         self.closed = True
+
+
+def run_cli(*args: Any):
+    """``deitpipe ARGS`` in this process (click's runner), every argument as a string."""
+    from click.testing import CliRunner
+
+    from deitpipe.pipeline.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The single ``Error: ...`` line a failed command printed (and exit code 1); fails otherwise."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    return lines[0]
+
+
+def complete_shard_set(folder: Path, n: int = 16, *, shard_size: int = 8, **kw: Any) -> Path:
+    """:func:`write_shard_set` (3 views, top-3, 10 classes) with a manifest train-student accepts:
+    complete, with a teacher and class names."""
+    write_shard_set(folder, num_samples=n, shard_size=shard_size, views=3, topk=3, num_classes=10, **kw)
+    manifest = json.loads((folder / schema.MANIFEST_NAME).read_text())
+    manifest.update(complete=True, teacher={"name": "resnet18"}, class_names=[str(i) for i in range(10)])
+    (folder / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return folder

@@ -5,16 +5,13 @@ manifest, a resume onto another label set, two runs into one bucket prefix."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from conftest import write_digit_folder, write_shard_set, write_teacher
-from deitpipe.pipeline.cli import main
+from conftest import complete_shard_set, one_line_error, run_cli, write_digit_folder, write_teacher
 from deitpipe.pipeline.outdir import LOCK_NAME, OutputError, locked
 from deitpipe.shards import storage
 from deitpipe.shards.format import schema
@@ -26,14 +23,7 @@ TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth",
         "--batch-size", "4", "--rand-augment", "-1", "--launcher", "local", "--no-progress"]
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
+_run, _one_line_error = run_cli, one_line_error
 
 
 def _label_args(data, out, weights, *extra):
@@ -42,11 +32,7 @@ def _label_args(data, out, weights, *extra):
 
 
 def _shards(folder: Path, n: int = 16) -> Path:
-    write_shard_set(folder, num_samples=n, shard_size=8, views=3, topk=3, num_classes=10)
-    manifest = json.loads((folder / schema.MANIFEST_NAME).read_text())
-    manifest.update(complete=True, teacher={"name": "resnet18"}, class_names=[str(i) for i in range(10)])
-    (folder / schema.MANIFEST_NAME).write_text(json.dumps(manifest))
-    return folder
+    return complete_shard_set(folder, n)
 
 
 def _flip_byte(path: Path, offset: int = 700) -> None:

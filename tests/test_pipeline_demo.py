@@ -39,7 +39,7 @@ def test_rows_compare_each_distilled_student_with_its_baseline_at_equal_steps():
     assert table["distilled"].baseline == "none" and table["few_teacher"].baseline == "few"
     few, both = table["few"], table["few_teacher"]
     assert few.shards == both.shards[:1] and few.distillation == "none" and both.distillation == "hard"
-    assert 100 * few.epoch_repeats == 1200  # K=10: 100 images passed 12 times an epoch, as many steps as 1,200
+    assert 20 * few.epoch_repeats == 1200  # K=2: 20 images passed 60 times an epoch, as many steps as 1,200
     assert [r.key for r in rows(DemoConfig(labels_per_class=0))] == ["none", "distilled"]
 
 

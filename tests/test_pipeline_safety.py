@@ -6,13 +6,10 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import write_digit_folder, write_shard_set, write_teacher
-from deitpipe.pipeline.cli import main
+from conftest import one_line_error, run_cli, write_digit_folder, write_shard_set, write_teacher
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.outdir import LOCK_NAME, OutputError, locked
 from deitpipe.pipeline.train import RUN_MARKER, TrainError, _prepare_out
@@ -24,14 +21,7 @@ TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth",
         "--launcher", "local", "--no-progress"]
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
+_run, _one_line_error = run_cli, one_line_error
 
 
 def _plant(folder: Path) -> dict[str, bytes]:

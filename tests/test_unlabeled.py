@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import make_sample, write_digit_folder, write_teacher
-from deitpipe.pipeline.cli import main
+from conftest import one_line_error, run_cli, make_sample, write_digit_folder, write_teacher
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.train import TrainError, shard_sets_info, train_student
 from deitpipe.shards.format import schema
@@ -42,14 +40,7 @@ CLI_TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--dep
             "--launcher", "local", "--distillation", "hard"]
 
 
-def _run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
+_run, _one_line_error = run_cli, one_line_error
 
 
 def _set(folder: Path, n: int, *, labelled: bool, first: int = 0, teacher: str = "resnet18",
@@ -211,3 +202,29 @@ def test_several_sets_resume_exactly_after_sigkill(tmp_path):
     wb = torch.load(tmp_path / "cut" / "student.pt", weights_only=True)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_epoch_repeats_pass_over_a_small_set_again_with_other_views(tmp_path):
+    from collections import Counter
+
+    from deitpipe.student.data import steps_per_epoch
+
+    labelled = _set(tmp_path / "few", 16, labelled=True)
+    info = shard_sets_info((str(labelled),))
+    steps = steps_per_epoch(info["samples"], batch_size=8, world_size=1, repeats=3)
+    assert steps == 6
+    data = ShardReplay(urls=info["urls"], num_classes=10, num_views=3, teacher_labels="views", img_size=16,
+                       batch_size=8, steps=steps)
+    seen = []
+    original = data.view_of
+
+    def record(sample, **kw):
+        view = original(sample, **kw)
+        seen.append((sample["key"], view[0]))
+        return view
+
+    data.view_of = record
+    assert len(list(data)) == 48
+    assert set(Counter(k for k, _ in seen).values()) == {3}  # every sample three times an epoch
+    views = {k: [v for key, v in seen if key == k] for k, _ in seen}
+    assert sum(len(set(v)) > 1 for v in views.values()) >= 8  # later passes draw other views
