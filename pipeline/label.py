@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from deitpipe.pipeline.config import LabelConfig
-from deitpipe.pipeline.outdir import check_output_dir, locked, remove_files, temp_leftovers
+from deitpipe.pipeline.outdir import Marker, locked, remove_files, temp_leftovers
 from deitpipe.pipeline.progress import Progress
 from deitpipe.shards import storage
 from deitpipe.shards.format import schema
@@ -112,7 +112,7 @@ def label_teacher(config: LabelConfig) -> dict[str, Any]:
             f"{info.num_classes} outputs; fine-tune the teacher to the data's classes first"
         )
     _check_apart(out, config.data, source)
-    check_output_dir(out, owned=_own_manifest(out) is not None, what=f"label-teacher {schema.MANIFEST_NAME}")
+    MARKER.check(out)
     plan = assign_shards(len(source.candidates), config.shard_size, seed=config.seed)
     with locked(out, command="deitpipe label-teacher"):
         manifest = _open_output(out, config, source, info, planned=len(plan))
@@ -203,8 +203,7 @@ def _open_output(out: str, config: LabelConfig, source: Source, info: TeacherInf
     run's ``planned`` numbers, by their exact names, unless kept) and leftovers of its atomic
     writes. A ``shard-NNNNNN.tar`` neither listed nor planned stays.
     """
-    old = _own_manifest(out)
-    check_output_dir(out, owned=old is not None, what=f"label-teacher {schema.MANIFEST_NAME}")
+    old = MARKER.check(out)
     if old is not None:
         before = {k: old.get("config", {}).get(k) for k in config.fingerprint()}
         diff = sorted(k for k, v in config.fingerprint().items() if before.get(k) != v)
@@ -245,15 +244,15 @@ def _class_names(source: Source, info: TeacherInfo) -> list[str]:
     return names if len(names) == info.num_classes else [str(i) for i in range(info.num_classes)]
 
 
-def _own_manifest(out: str) -> dict[str, Any] | None:
-    """label-teacher's manifest in ``out``, None when there is none; one line when it is not one."""
-    path = storage.join(out, schema.MANIFEST_NAME)
-    if not storage.is_file(path):
-        return None
+def _parse_manifest_marker(path: str) -> dict[str, Any]:
+    """label-teacher's manifest at ``path``; one line when it is not one."""
     try:
         return read_manifest(path)
     except ValueError as exc:
         raise LabelError(f"{path} is not a readable label-teacher manifest ({exc}); choose another --out") from exc
+
+
+MARKER = Marker(schema.MANIFEST_NAME, f"label-teacher {schema.MANIFEST_NAME}", _parse_manifest_marker)
 
 
 def _shard_intact(out: str, entry: dict[str, Any]) -> bool:

@@ -21,9 +21,11 @@ import shutil
 import socket
 import stat
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from deitpipe.shards import storage
 
@@ -34,6 +36,34 @@ TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.tmp-[0-9]+(?:-[0-9A-Za-z_]+)?$")
 
 class OutputError(RuntimeError):
     """An output directory deitpipe must not use; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Marker:
+    """The file that makes an output directory one command's own: the one rule both stages use.
+
+    Attributes:
+        name: the file's name in the directory (``manifest.json``, ``config.json``).
+        what: how messages name it ("label-teacher manifest.json").
+        parse: the file's path -> its content when it is this command's marker, None when it is
+            some other tool's file of that name; may raise :class:`OutputError` (one line) for a
+            marker of this command that cannot be read.
+    """
+
+    name: str
+    what: str
+    parse: Callable[[str], dict[str, Any] | None]
+
+    def read(self, out: str | Path) -> dict[str, Any] | None:
+        """The marker's content in ``out``; None when there is none, or another tool's."""
+        path = storage.join(out, self.name)
+        return self.parse(path) if storage.is_file(path) else None
+
+    def check(self, out: str | Path, *, option: str = "--out") -> dict[str, Any] | None:
+        """:func:`check_output_dir` for this command; returns the marker's content (None: new)."""
+        found = self.read(out)
+        check_output_dir(out, owned=found is not None, option=option, what=self.what)
+        return found
 
 
 def check_output_dir(out: str | Path, *, owned: bool, option: str = "--out", what: str) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from deitpipe import __version__
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.launch import TrainError, launch
-from deitpipe.pipeline.outdir import check_output_dir, remove_files, remove_ray_storage, temp_leftovers
+from deitpipe.pipeline.outdir import Marker, remove_files, remove_ray_storage, temp_leftovers
 from deitpipe.shards import storage
 from deitpipe.shards.format import schema
 from deitpipe.shards.format.manifest import read_manifest_digest, write_json_atomic
@@ -148,7 +148,7 @@ def train_student(config: TrainConfig) -> dict[str, Any]:
     _check_batch(config, samples=info["samples"])
     check_inputs(config, num_classes=info["num_classes"])
     out = config.out  # a local directory or an s3:// prefix
-    check_output_dir(out, owned=_own_config(out) is not None, what="train-student config.json")
+    MARKER.check(out)
     launch(config, info=info, mode=mode, out=out,
            prepare=lambda: _prepare_out(out, config, num_classes=info["num_classes"], manifest=info["manifest"],
                                         manifest_sha256=info["manifest_sha256"]))
@@ -202,7 +202,7 @@ def _prepare_out(out: str, config: TrainConfig, *, num_classes: int, manifest: s
     """
     path = storage.join(out, "config.json")
     student = storage.join(out, "student.pt")
-    old = _own_config(out)
+    old = MARKER.read(out)
     if storage.is_file(student) and not config.overwrite:
         head = load_state(student).get("head.weight")
         if head is not None and head.shape[0] != num_classes:
@@ -240,12 +240,9 @@ def _comparable(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in _RUNTIME}
 
 
-def _own_config(out: str) -> dict[str, Any] | None:
-    """train-student's config.json in ``out``: one with deitpipe's marker (or every field of a
-    TrainConfig, as written before the marker); None when absent or another tool's."""
-    path = storage.join(out, "config.json")
-    if not storage.is_file(path):
-        return None
+def _parse_config(path: str) -> dict[str, Any] | None:
+    """train-student's config.json at ``path``: one with deitpipe's marker (or every field of a
+    TrainConfig, as written before the marker); None when another tool's."""
     try:
         data = json.loads(storage.read_bytes(path))
     except (ValueError, OSError):
@@ -254,6 +251,9 @@ def _own_config(out: str) -> dict[str, Any] | None:
         return None
     marked = str(data.get(RUN_MARKER, "")).startswith("deitpipe train-student")
     return data if marked or set(_comparable(TrainConfig())) <= set(data) else None
+
+
+MARKER = Marker("config.json", "train-student config.json", _parse_config)
 
 
 def _started(out: str) -> bool:

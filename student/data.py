@@ -392,6 +392,6 @@ def eval_items(spec: str, *, image_size: int = 32, seed: int = 0) -> tuple[list,
             for c in source.candidates], source.class_names
 
 
-# IMAGENET_MEAN and IMAGENET_STD are re-exported from shards.format.image, where they are defined.
+# IMAGENET_MEAN and IMAGENET_STD are re-exported; they are defined in shards.format.conventions.
 __all__ = ["Augment", "ShardReplay", "EvalImages", "eval_items", "steps_per_epoch", "TEACHER_LABELS",
            "IMAGENET_MEAN", "IMAGENET_STD"]
