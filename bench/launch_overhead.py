@@ -23,7 +23,7 @@ from conftest import write_shard_set  # noqa: E402 - the test suite's small shar
 from deitpipe.pipeline.config import TrainConfig  # noqa: E402
 from deitpipe.pipeline.train import train_student  # noqa: E402
 from deitpipe.shards.format import schema  # noqa: E402
-from deitpipe.student.trainer import read_metrics  # noqa: E402
+from deitpipe.student.runfiles import read_metrics  # noqa: E402
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from deitpipe.shards import storage
 from deitpipe.shards.format.manifest import write_json_atomic
 from deitpipe.student import evaluate
 from deitpipe.student.data import EvalImages, eval_items
-from deitpipe.student.trainer import read_metrics
+from deitpipe.student.runfiles import read_metrics
 
 
 def analyze_student(*, run: str, data: str, out: str | None = None, max_images: int = 512) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from deitpipe.pipeline.label import label_teacher
 from deitpipe.pipeline.train import train_student
 from deitpipe.shards.format.manifest import write_json_atomic
 from deitpipe.shards.inputs.embedded import digits_image_folder
-from deitpipe.student.trainer import read_metrics
+from deitpipe.student.runfiles import read_metrics
 from deitpipe.teacher.train import TeacherTrainConfig, train_teacher
 
 TRAIN_IMAGES = 1200  # the embedded sets' fixed training split

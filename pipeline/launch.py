@@ -32,7 +32,8 @@ from deitpipe.pipeline.progress import Feed, Progress
 from deitpipe.shards import storage
 from deitpipe.student.config import TrainConfig
 from deitpipe.student.data import IMAGENET_MEAN, IMAGENET_STD, steps_per_epoch
-from deitpipe.student.trainer import RAY_CHECKPOINT, FileCheckpoints, latest_checkpoint, train
+from deitpipe.student.runfiles import RAY_CHECKPOINT, FileCheckpoints, latest_checkpoint
+from deitpipe.student.trainer import train
 
 LAUNCHERS = ("local", "torchrun", "ray")
 

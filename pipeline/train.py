@@ -26,7 +26,7 @@ from deitpipe.shards.format.manifest import read_manifest_digest, write_json_ato
 from deitpipe.shards.format.reader import expand_urls, is_object_dir, is_remote, shard_name
 from deitpipe.student import create_student, load_checkpoint
 from deitpipe.student.data import eval_items
-from deitpipe.student.trainer import (
+from deitpipe.student.runfiles import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
     checkpoint_files,

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from deitpipe.shards.storage import atomic
-from deitpipe.student.trainer import (
+from deitpipe.student.runfiles import (
     CheckpointWriteError,
     FileCheckpoints,
-    _truncate_metrics,
+    truncate_metrics,
     append_jsonl,
     checkpoint_files,
     latest_checkpoint,
@@ -42,7 +42,7 @@ def _metrics(path: Path, epochs: int, tail: str = "") -> None:
 def test_a_cut_off_last_line_does_not_stop_a_resume(tmp_path, start_epoch, kept):
     path = tmp_path / "metrics.jsonl"
     _metrics(path, 3, TORN)
-    _truncate_metrics(str(path), start_epoch)
+    truncate_metrics(str(path), start_epoch)
     assert [r["epoch"] for r in read_metrics(path)] == kept
     assert TORN not in path.read_text() and path.read_text().endswith("}\n")
 
@@ -53,7 +53,7 @@ def test_damaged_lines_are_skipped_wherever_they_are(tmp_path):
     path.write_text("\n".join([good[0], '{"epoch": 1, "lo\x00ss', good[1], "", "[1, 2]", "7", good[2],
                                "not json", good[3]]) + "\n" + TORN)
     assert [r["epoch"] for r in read_metrics(path)] == [0, 1, 2, 3]
-    _truncate_metrics(str(path), 3)
+    truncate_metrics(str(path), 3)
     assert path.read_text() == "".join(line + "\n" for line in good[:3])
     assert read_metrics(tmp_path / "absent.jsonl") == []
 
@@ -263,7 +263,7 @@ def test_metrics_and_checkpoints_in_a_bucket_behave_as_on_disk(s3_bucket):
     storage.write_bytes(path, b'{"epoch": 0}\n{"epoch": 1}\n' + TORN.encode())
     append_jsonl(path, {"epoch": 2})
     assert [r["epoch"] for r in read_metrics(path)] == [0, 1, 2]
-    _truncate_metrics(path, 2)
+    truncate_metrics(path, 2)
     assert storage.read_bytes(path) == b'{"epoch": 0}\n{"epoch": 1}\n'
     storage.write_bytes(f"{s3_bucket}/run/epoch-0001.pt", b'{"epoch": 1}')
     with pytest.raises(ValueError, match=f"^{s3_bucket}/run/epoch-0001.pt is not a torch checkpoint"):

@@ -17,7 +17,7 @@ from conftest import write_shard_set
 from deitpipe.pipeline.config import TrainConfig
 from deitpipe.pipeline.train import train_student
 from deitpipe.shards.format import schema
-from deitpipe.student.trainer import FileCheckpoints, checkpoint_files, latest_checkpoint
+from deitpipe.student.runfiles import FileCheckpoints, checkpoint_files, latest_checkpoint
 
 TINY = dict(model="deit_tiny_distilled_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
             num_heads=2)

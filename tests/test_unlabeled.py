@@ -30,7 +30,7 @@ from deitpipe.shards.inputs import resolve_source
 from deitpipe.shards.inputs.embedded import digits_split, few_labels_split
 from deitpipe.student.data import ShardReplay
 from deitpipe.student.gpu_replay import EncodedShardReplay
-from deitpipe.student.trainer import checkpoint_files, read_metrics
+from deitpipe.student.runfiles import checkpoint_files, read_metrics
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, rand_augment=None, random_erasing=0.0,
             mixup=0.0, cutmix=0.0)
