@@ -14,6 +14,7 @@ small image folders), not for ImageNet-sized fine-tunes.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -293,8 +294,9 @@ def _fit(
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict[str, Any]] = []
     desc = f"train-teacher {config.teacher}"
-    with tqdm(total=config.epochs * len(loader), disable=not config.progress, unit="step",
-              desc=desc) as bar:
+    # In a log file (stderr no terminal) the bar is a line every 15 s, not a redraw per step.
+    with tqdm(total=config.epochs * len(loader), disable=not config.progress, unit="step", desc=desc,
+              mininterval=0.1 if sys.stderr.isatty() else 15.0) as bar:
         for epoch in range(1, config.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             stats = _train_epoch(model, loader, optimizer=optimizer, scheduler=scheduler,
