@@ -60,6 +60,7 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     # Worker output stays in Ray's session logs (/tmp/ray/session_latest/logs): Ray Train's
     # controller and workers are chatty, and progress and errors reach the driver by other paths.
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    restore: dict[str, str | None] = {}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -67,12 +68,32 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
         mem = int(os.environ.get("DEITPIPE_OBJECT_STORE_BYTES", 512 << 20))
         private_dir(RAY_TOKEN.parent)  # before ray.init writes the token there
         owner_only(RAY_TOKEN)  # one left by an earlier run
-        ray.init(address="local", num_cpus=num_cpus, object_store_memory=mem, **kwargs)
+        # Without a dashboard a local Ray has no metrics agent, and Ray 2.51-2.53 log an
+        # error-level line from every process that cannot reach it: nothing to export, then.
+        restore = {NO_METRICS: os.environ.get(NO_METRICS)}
+        os.environ.setdefault(NO_METRICS, "0")
+        try:
+            ray.init(address="local", num_cpus=num_cpus, object_store_memory=mem, **kwargs)
+        except BaseException:
+            _restore_env(restore)
+            raise
         owner_only(RAY_TOKEN)
     try:
         yield
     finally:
         ray.shutdown()
+        _restore_env(restore)
+
+
+NO_METRICS = "RAY_enable_metrics_collection"
+
+
+def _restore_env(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @contextlib.contextmanager
