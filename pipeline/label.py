@@ -381,16 +381,16 @@ def _ray_teacher_class(kwargs: dict[str, Any]) -> type:
     """:class:`ViewTeacher` for a Ray Data actor pool over chunk rows, its arguments bound in the class."""
     from deitpipe.teacher.labelling import ViewTeacher
 
-    class _Teacher(ViewTeacher):
-        def __init__(self) -> None:
-            super().__init__(**kwargs)
+    def __init__(self) -> None:
+        ViewTeacher.__init__(self, **kwargs)
 
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            chunk = {k: v[0] for k, v in batch.items() if k != "reason"}
-            chunk["reason"] = np.asarray(json.loads(str(batch["reason"][0])), dtype=object)
-            return super().__call__(chunk)  # one row per image
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        chunk = {k: v[0] for k, v in batch.items() if k != "reason"}
+        chunk["reason"] = np.asarray(json.loads(str(batch["reason"][0])), dtype=object)
+        return ViewTeacher.__call__(self, chunk)  # one row per image
 
-    return _Teacher
+    # Named as the class it runs, so Ray's actor list and logs read "ViewTeacher".
+    return type("ViewTeacher", (ViewTeacher,), {"__init__": __init__, "__call__": __call__})
 
 
 def _no_restarts() -> dict[str, Any]:
