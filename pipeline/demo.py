@@ -192,13 +192,14 @@ def format_results(results: dict[str, Any]) -> str:
     n = results["held_out_images"]
     data = results["config"].get("data", "digits")
     top1 = {r["name"]: r["top1"] for r in results.get("rows", [])}
+    w = max([len("student, " + r["name"]) for r in results.get("rows", [])] + [20])
     lines = [f"held-out top-1 on {n} images of {data} (one image = {100 / n:.2f} points)",
-             f"{'model':<44} {'top-1':>7} {'gain':>7}   {'class':>6} {'dist':>6}  baseline",
-             f"{'teacher':<44} {results['teacher_top1']:>7.2f}"]
+             f"{'model':<{w}} {'top-1':>7} {'gain':>7}   {'class':>6} {'dist':>6}  baseline",
+             f"{'teacher':<{w}} {results['teacher_top1']:>7.2f}"]
     # results["students"] holds the rows' evaluations in the rows' order.
     for r, e in zip(results.get("rows", []), results["students"].values()):
         gain = f"{r['top1'] - top1[r['baseline']]:>+7.2f}" if r.get("baseline") in top1 else f"{'':>7}"
-        lines.append(f"{'student, ' + r['name']:<44} {r['top1']:>7.2f} {gain}   {e['top1_cls']:>6.2f} "
+        lines.append(f"{'student, ' + r['name']:<{w}} {r['top1']:>7.2f} {gain}   {e['top1_cls']:>6.2f} "
                      f"{e['top1_dist']:>6.2f}  {r.get('baseline') or ''}")
     lines.append(f"total {results['seconds']:.0f} s " + str(results["stage_seconds"]))
     return "\n".join(lines)
