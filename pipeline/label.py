@@ -44,6 +44,7 @@ from deitpipe.teacher.labelling import (
     decode_chunk,
     inputs_summary,
     label_local,
+    local_cpus,
 )
 
 __all__ = ["LabelError", "input_source", "label_teacher", "resolve_launcher"]
@@ -340,7 +341,7 @@ def _label_ray(config: LabelConfig, source: Source, info: TeacherInfo, plan: lis
         # The teacher's settings travel inside its class, not as constructor arguments: Ray keeps
         # those in the object store and warns about it on every run.
         teacher_cls = _ray_teacher_class(dict(_teacher_kwargs(config, teacher_kwargs, "cuda" if use_gpu else "cpu"),
-                                              cpu_threads=None if use_gpu else _local_cpus()))
+                                              cpu_threads=None if use_gpu else local_cpus()))
         # On a cluster, Ray Data restarts a teacher actor whose node is lost. On one machine a
         # lost node is the whole run, and restarts only make Ray warn, on every run, about its own
         # constructor arguments (ray-project/ray#57733): none there.
@@ -399,7 +400,3 @@ def _no_restarts() -> dict[str, Any]:
 
 def _cluster_cpus(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _local_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

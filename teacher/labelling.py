@@ -282,7 +282,7 @@ def label_local(chunks: Iterable[list[dict[str, Any]]], *, decode: dict[str, Any
         teacher: :class:`ViewTeacher`'s keyword arguments.
         threads: decoding threads (default: the CPUs this process may use).
     """
-    threads = threads or _local_cpus()
+    threads = threads or local_cpus()
     view_teacher = ViewTeacher(**teacher)
     chunks = iter(chunks)
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -321,5 +321,6 @@ def inputs_summary(source: Source, shards: list[dict[str, Any]]) -> dict[str, An
             "skipped": skipped, "ignored": len(source.ignored), "ignored_examples": source.ignored[:20]}
 
 
-def _local_cpus() -> int:
+def local_cpus() -> int:
+    """The CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
