@@ -35,7 +35,7 @@ import torch
 from benchutil import emit, header, photo_jpeg, sync, write_synthetic_shards
 from deitpipe.shards.format.reader import iter_samples
 from deitpipe.student.data import Augment, ShardReplay
-from deitpipe.student.gpu_augment import BatchAugment, augment_generator
+from deitpipe.shards.format.randaugment import BatchAugment, augment_generator
 from deitpipe.student.gpu_replay import EncodedShardReplay, collate, decode_and_cut
 
 

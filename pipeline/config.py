@@ -46,6 +46,15 @@ class LabelConfig:
                                    "student's exact pixels. Default: views at the teacher's crop.", low=1)
     interpolation: str | None = option(None, "Override the teacher's interpolation.",
                                        choices=("bilinear", "bicubic", "nearest"))
+    rand_augment: float | None = option(None, "Store a RandAugment with each random view at this level 0..10 "
+                                        "(DeiT's 9; train-student's option): the teacher labels the augmented "
+                                        "view. Default off; -1 also switches it off.", low=0, high=10, off=-1)
+    rand_augment_std: float = option(0.5, "Noise of the stored RandAugment's level per op (DeiT 0.5).", low=0)
+    random_erasing: float = option(0.0, "Store random erasing with this probability (DeiT's 0.25).", low=0, high=1)
+    mixup: float = option(0.0, "Store mixup with a partner of the same shard, this Beta alpha (DeiT's 0.8); 0 off.",
+                          low=0)
+    cutmix: float = option(0.0, "Store CutMix, this Beta alpha (DeiT's 1.0); 0 off.", low=0)
+    mixup_switch: float = option(0.5, "Probability of CutMix when both are stored.", low=0, high=1)
     launcher: str | None = option(None, "Who runs the teacher: 'local' (this process; threads decode ahead of one "
                                   "teacher; no Ray start-up, and no Ray needed) or 'ray' (Ray Data: decode tasks and "
                                   "one teacher actor per GPU, on this machine or a cluster). Default: ray with "

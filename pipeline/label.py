@@ -17,7 +17,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from deitpipe.pipeline.outdir import Marker, locked, remove_files, temp_leftover
 from deitpipe.pipeline.progress import Progress
 from deitpipe.shards import storage
 from deitpipe.shards.format import schema
+from deitpipe.shards.format.augment import AugmentSpec
 from deitpipe.shards.format.image import DEFAULT_MAX_PIXELS
 from deitpipe.shards.format.manifest import read_manifest, write_manifest
 from deitpipe.shards.storage import file_sha256
@@ -206,7 +207,9 @@ def _open_output(out: str, config: LabelConfig, source: Source, info: TeacherInf
     """
     old = MARKER.check(out)
     if old is not None:
-        before = {k: old.get("config", {}).get(k) for k in config.fingerprint()}
+        # A field newer than the old manifest counts as its default (the old run's behaviour).
+        defaults = {f.name: f.default for f in fields(LabelConfig)}
+        before = {k: old.get("config", {}).get(k, defaults.get(k)) for k in config.fingerprint()}
         diff = sorted(k for k, v in config.fingerprint().items() if before.get(k) != v)
         if diff and not config.overwrite:
             raise LabelError(
@@ -224,14 +227,17 @@ def _open_output(out: str, config: LabelConfig, source: Source, info: TeacherInf
     remove_files([storage.join(out, name) for name in storage.list_names(out)
                   if _SHARD_FILE.fullmatch(name) and name in replaced and name not in keep]
                  + temp_leftovers(out, _OWN_FILES))
+    spec = augment_spec(config, info)
     manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
+        "schema_version": schema.AUGMENTED_VERSION if spec else schema.SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": False, "config": asdict(config), "teacher": info.to_dict(),
         "num_classes": info.num_classes, "class_names": _class_names(source, info),
         "views": config.views, "topk": min(config.topk, info.num_classes),
         "full_softmax": config.full_softmax, "seed": config.seed, "shards": kept,
     }
+    if spec is not None:
+        manifest["augment"] = spec.to_dict()
     if not kept:
         write_manifest(out, manifest)
     return manifest
@@ -272,15 +278,35 @@ def _is_complete(out: str) -> bool:
         return False
 
 
+def augment_spec(config: LabelConfig, info: TeacherInfo) -> AugmentSpec | None:
+    """What label-teacher stores with each random view beyond its box and flip (None: nothing).
+    The views are cut at ``--view-size`` (default: the teacher's crop), the student's input."""
+    spec = AugmentSpec(size=config.view_size or info.preprocessing.crop, rand_augment=config.rand_augment,
+                       rand_augment_std=config.rand_augment_std, random_erasing=config.random_erasing,
+                       mixup=config.mixup, cutmix=config.cutmix, mixup_switch=config.mixup_switch)
+    return spec if spec.active else None
+
+
+def _augment_dict(config: LabelConfig, info: TeacherInfo) -> dict[str, Any] | None:
+    spec = augment_spec(config, info)
+    return spec.to_dict() if spec else None
+
+
+def _chunks(config: LabelConfig, info: TeacherInfo, plan: list[list[int]], todo: list[int]) -> list[list[int]]:
+    spec = augment_spec(config, info)
+    return chunk_plan(plan, todo, views=config.views, batch_size=config.batch_size,
+                      mix_group=spec.mix_group if spec and spec.mixes else None)
+
+
 def _decode_kwargs(config: LabelConfig, info: TeacherInfo) -> dict[str, Any]:
     return dict(seed=config.seed, views=config.views, prep=info.preprocessing.to_dict(), min_scale=config.min_scale,
                 max_pixels=config.max_pixels if config.max_pixels is not None else DEFAULT_MAX_PIXELS,
-                view_size=config.view_size)
+                view_size=config.view_size, augment=_augment_dict(config, info))
 
 
-def _teacher_kwargs(config: LabelConfig, teacher_kwargs: dict[str, Any], device: str) -> dict[str, Any]:
+def _teacher_kwargs(config: LabelConfig, teacher_kwargs: dict[str, Any], device: str, info: TeacherInfo) -> dict[str, Any]:
     return dict(teacher_kwargs, topk=config.topk, full_softmax=config.full_softmax, device=device,
-                batch_size=config.batch_size)
+                batch_size=config.batch_size, augment=_augment_dict(config, info))
 
 
 def _progress(config: LabelConfig, info: TeacherInfo, total: int, packer: ShardPacker, shards: int) -> tuple:
@@ -302,10 +328,10 @@ def _label_here(config: LabelConfig, source: Source, info: TeacherInfo, plan: li
     import torch
 
     device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
-    chunks = chunk_plan(plan, todo, views=config.views, batch_size=config.batch_size)
+    chunks = _chunks(config, info, plan, todo)
     bar, on_batch = _progress(config, info, sum(map(len, chunks)), packer, len(plan))
     batches = label_local((chunk_items(source, c) for c in chunks), decode=_decode_kwargs(config, info),
-                          teacher=_teacher_kwargs(config, teacher_kwargs, device))
+                          teacher=_teacher_kwargs(config, teacher_kwargs, device, info))
     try:
         return consume(batches, packer, on_batch)
     finally:
@@ -321,7 +347,7 @@ def _label_ray(config: LabelConfig, source: Source, info: TeacherInfo, plan: lis
 
     from deitpipe.pipeline.raysession import quiet_ray_data, ray_session
 
-    chunks = chunk_plan(plan, todo, views=config.views, batch_size=config.batch_size)
+    chunks = _chunks(config, info, plan, todo)
     bar, on_batch = _progress(config, info, sum(map(len, chunks)), packer, len(plan))
     with ray_session(config.ray_address), quiet_ray_data():
         gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -340,7 +366,7 @@ def _label_ray(config: LabelConfig, source: Source, info: TeacherInfo, plan: lis
                             fn_kwargs=dict(decode=_decode_kwargs(config, info)))
         # The teacher's settings travel inside its class, not as constructor arguments: Ray keeps
         # those in the object store and warns about it on every run.
-        teacher_cls = _ray_teacher_class(dict(_teacher_kwargs(config, teacher_kwargs, "cuda" if use_gpu else "cpu"),
+        teacher_cls = _ray_teacher_class(dict(_teacher_kwargs(config, teacher_kwargs, "cuda" if use_gpu else "cpu", info),
                                               cpu_threads=None if use_gpu else local_cpus()))
         # On a cluster, Ray Data restarts a teacher actor whose node is lost. On one machine a
         # lost node is the whole run, and restarts only make Ray warn, on every run, about its own

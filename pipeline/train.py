@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 
@@ -75,7 +75,7 @@ def shard_info(spec: str, manifest: str | None = None) -> dict[str, Any]:
     unlabeled = {s["name"]: s.get("unlabeled", 0) for s in data["shards"]}
     return {"urls": urls, "num_classes": int(data["num_classes"]), "class_names": data["class_names"],
             "views": int(data["views"]), "teacher": data["teacher"], "samples": samples, "manifest": where,
-            "manifest_sha256": digest, "schema_version": data.get("schema_version"),
+            "manifest_sha256": digest, "schema_version": data.get("schema_version"), "augment": data.get("augment"),
             "unlabeled": sum(unlabeled[shard_name(u)] for u in urls),
             "sha256": {u: digests[shard_name(u)] for u in urls if shard_name(u) in digests}}
 
@@ -94,7 +94,7 @@ def shard_sets_info(specs: tuple[str, ...], manifest: str | None = None) -> dict
     first = infos[0]
     for other in infos[1:]:
         for key, what in (("num_classes", "class count"), ("class_names", "class names"),
-                          ("schema_version", "schema version")):
+                          ("schema_version", "schema version"), ("augment", "stored augmentation")):
             if other[key] != first[key]:
                 raise TrainError(f"--shards {other['manifest']} and {first['manifest']} differ in their {what}; "
                                  "train on sets labelled for the same classes")
@@ -121,6 +121,29 @@ def _manifest_beside(spec: str) -> str:
     head = spec.split("{")[0]
     folder = head.rsplit("/", 1)[0] if "/" in head else "."
     return f"{folder}/{schema.MANIFEST_NAME}" if is_remote(spec) else folder
+
+
+RECIPE_AUGMENT = {"rand_augment": None, "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0}  # field -> off
+
+
+def stored_augment_defaults(config: TrainConfig, given: set[str]) -> TrainConfig:
+    """On shards that store each view's augmentation, the student's own RandAugment, erasing,
+    mixup and CutMix are off unless ``given`` (named on the command line): the stored views
+    already carry DeiT's recipe, and more of it on top would no longer be what the teacher saw.
+
+    Args:
+        config: train-student's configuration, as the command line built it.
+        given: the fields the user set.
+    Returns:
+        ``config``, with the recipe's fields not in ``given`` switched off where the shards are
+        replayed with their stored augmentation.
+    """
+    off = {k: v for k, v in RECIPE_AUGMENT.items() if k not in given}
+    if not off or config.distillation == "none" or config.online_teacher or config.teacher_labels == "global":
+        return config
+    if not shard_sets_info(config.resolved().shard_sets(), config.resolved().manifest).get("augment"):
+        return config
+    return replace(config, **off)
 
 
 def teacher_labels_mode(config: TrainConfig, views: int) -> str:

@@ -32,6 +32,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from deitpipe.shards.format.augment import MIX_NONE, AugmentSpec, ViewRenderer, key_number, records_of
 from deitpipe.shards.format.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -45,7 +46,7 @@ from deitpipe.shards.format.manifest import read_manifest
 from deitpipe.shards.format.plan import epoch_sample_order, epoch_shard_order
 from deitpipe.shards.format.reader import decode_sample, expand_urls, read_shard, shard_name, teacher_distribution
 from deitpipe.shards.format.schema import UNLABELED
-from deitpipe.shards.format.views import epoch_view_index, global_box, random_view_boxes
+from deitpipe.shards.format.views import epoch_view_index, global_box, key_hash, random_view_boxes
 from deitpipe.shards.inputs import read_bytes, resolve_source
 from deitpipe.shards.specs import is_shard_set
 
@@ -144,6 +145,7 @@ class Augment:
 
 
 _PASS_STRIDE = 1_000_003  # draw_epoch of a further pass within an epoch: never another epoch's
+_SHARD_VIEW_TAG = 0x5A1E  # the view a shard with stored mixing replays in an epoch
 
 
 def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int, repeats: float = 1.0) -> int:
@@ -169,12 +171,19 @@ class ShardReplay(IterableDataset):
         min_scale: smallest crop area of the fresh crops in "global" and "none" modes.
         checksums: shard URL -> the manifest's sha256; each shard is checked as it is read, and a
             changed one stops the run (``shards.format.reader.ShardChangedError``).
+        stored_augment: the label set's ``augment`` (an ``AugmentSpec`` or its dict; None: its
+            views store crop and flip only). Each stored view is then replayed whole: its
+            RandAugment, erasing and mixing partner, by the renderer label-teacher labelled it
+            with; ``augment`` adds its RandAugment before and its erasing after, which the
+            teacher did not see. With mixing, a shard replays one view index per epoch and
+            yields each pair of partners together.
     """
 
     def __init__(self, *, urls: list[str], num_classes: int, num_views: int, teacher_labels: str,
                  img_size: int, batch_size: int, steps: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, augment: Augment = Augment(), interpolation: str = "bilinear",
-                 min_scale: float = 0.08, checksums: dict[str, str] | None = None, class_targets: str = "hard"):
+                 min_scale: float = 0.08, checksums: dict[str, str] | None = None, class_targets: str = "hard",
+                 stored_augment: AugmentSpec | dict | None = None):
         if teacher_labels not in TEACHER_LABELS:
             raise ValueError(f"--teacher-labels must be one of {', '.join(TEACHER_LABELS)}, got {teacher_labels!r}")
         if teacher_labels == "views" and num_views < 1:
@@ -191,6 +200,20 @@ class ShardReplay(IterableDataset):
             raise ValueError(f"class_targets must be hard or soft, got {class_targets!r}")
         self.class_targets = class_targets
         self.transform = augment.build()
+        self.stored = (AugmentSpec.from_dict(stored_augment) if isinstance(stored_augment, dict)
+                       else stored_augment)
+        if self.stored is not None:
+            if teacher_labels != "views":
+                raise ValueError("shards that store each view's augmentation replay their stored views; "
+                                 "--teacher-labels global does not apply to them")
+            if self.stored.size != img_size:
+                raise ValueError(f"the shards store augmented views of {self.stored.size} px; train the student at "
+                                 f"--img-size {self.stored.size}, or relabel with --view-size {img_size}")
+            self.renderer = ViewRenderer(self.stored)
+            self.extra_ra = (RandAugment(magnitude=augment.rand_augment, magnitude_std=augment.rand_augment_std,
+                                         img_size=img_size, mean=augment.mean)
+                             if augment.rand_augment is not None else None)
+            self.extra_erase = v2.RandomErasing(p=augment.random_erasing, value="random") if augment.random_erasing else None
         self.epoch = self.draw_epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -224,11 +247,64 @@ class ShardReplay(IterableDataset):
             self.draw_epoch = self.epoch + (n // len(mine)) * _PASS_STRIDE
             order = epoch_sample_order(num_samples=len(raw), seed=self.seed, epoch=self.draw_epoch,
                                        shard=shard_name(url))
-            for i in order:
-                yield self.example(self._decoded(raw[i], url))
+            for example in self._shard_examples(raw, order, url):
+                yield example
                 produced += 1
                 if produced == quota:
                     return
+
+    def _shard_examples(self, raw: list[dict], order: list[int], url: str) -> Iterator[dict]:
+        """One shard's examples in ``order``; with stored mixing, each pair of partners together."""
+        if self.stored is None:
+            for i in order:
+                yield self.example(self._decoded(raw[i], url))
+            return
+        samples = [self._decoded(r, url) for r in raw]
+        if not self.stored.mixes:
+            for i in order:
+                yield from self.replay([samples[i]], [self.view_of(samples[i], height=0, width=0)[0]], 1)
+            return
+        position = {key_number(s["key"]): k for k, s in enumerate(samples)}
+        done: set[int] = set()
+        for i in order:
+            if i in done:
+                continue
+            view = self.shard_view(samples[i], url)
+            key = int(samples[i]["mix_key"][view])
+            partner = position.get(key) if key != MIX_NONE else None
+            if key != MIX_NONE and (partner is None or int(samples[i]["mix_view"][view]) != view):
+                raise ValueError(f"{url}: sample {samples[i]['key']} view {view} mixes with sample {key}, whose view "
+                                 "the shard does not hold; relabel the shard")
+            unit = [i] if partner is None or partner == i else [i, partner]
+            emit = len(unit) if partner not in done else 1  # a partner already yielded only lends its pixels
+            done.update(unit[:emit])
+            yield from self.replay([samples[k] for k in unit], [view] * len(unit), emit)
+
+    def shard_view(self, sample: dict, url: str) -> int:
+        """The view a shard with stored mixing replays this epoch, the same index for all its
+        samples (partners mix the same view index): a pure function of (seed, epoch, shard)."""
+        views = len(sample["box"]) - 1
+        ss = np.random.SeedSequence([self.seed, self.draw_epoch, key_hash(shard_name(url)), _SHARD_VIEW_TAG])
+        return 1 + int(ss.generate_state(1, dtype=np.uint32)[0]) % views if views > 0 else 0
+
+    def replay(self, samples: list[dict], views: list[int], emit: int) -> list[dict[str, torch.Tensor]]:
+        """The first ``emit`` of ``samples`` (the rest only lend their pixels as mixing partners),
+        each stored view rendered whole, with its targets."""
+        records = np.stack([records_of(s)[v] for s, v in zip(samples, views)])
+        cuts = []
+        for s, v in zip(samples, views):
+            pixels = cut_view(decode_image(s["image"]), tuple(int(x) for x in s["box"][v]), bool(s["flip"][v]),
+                              self.img_size, interpolation=self.interpolation)
+            cuts.append(self.extra_ra(pixels) if self.extra_ra is not None else pixels)
+        partner = _partners(samples, records)
+        images = self.renderer(torch.stack(cuts), records, partner)
+        out = []
+        for k in range(emit):
+            image = self.extra_erase(images[k]) if self.extra_erase is not None else images[k]
+            other = samples[partner[k]] if partner[k] >= 0 else None
+            out.append({"image": image, **self.targets(samples[k], views[k], partner=other,
+                                                       lam=float(records["lam"][k]))})
+        return out
 
     def _decoded(self, raw: dict, url: str) -> dict:
         """A stored sample decoded and checked: its true label one of the set's classes."""
@@ -260,14 +336,20 @@ class ShardReplay(IterableDataset):
         pixels = cut_view(img, box, flip, self.img_size, interpolation=self.interpolation)
         return {"image": self.transform(pixels), **self.targets(sample, view)}
 
-    def targets(self, sample: dict, view: int) -> dict[str, torch.Tensor]:
+    def targets(self, sample: dict, view: int, *, partner: dict | None = None,
+                lam: float = 1.0) -> dict[str, torch.Tensor]:
         """The labels of ``sample``'s view: "label" for the class head, and the teacher's
         "teacher" (C,) and "teacher_hard" unless no teacher labels are read.
 
         A sample without a true label takes the teacher's: its argmax, or with
         ``class_targets="soft"`` its distribution; then every "label" is a (C,) row (one-hot for
-        the labelled), so that a batch mixing both stacks.
+        the labelled), so that a batch mixing both stacks. On shards with stored augmentation
+        "label" is always a (C,) row: with a mixing ``partner``, ``lam`` times the sample's
+        one-hot plus ``1 - lam`` times the partner's (the teacher's target on the mixed view
+        where either has no true label).
         """
+        if self.stored is not None:
+            return self._stored_targets(sample, view, partner, lam)
         out: dict[str, torch.Tensor] = {}
         if self.teacher_labels != "none":
             dist = teacher_distribution(sample, view, self.num_classes)
@@ -284,6 +366,27 @@ class ShardReplay(IterableDataset):
         else:
             out["label"] = torch.tensor(label, dtype=torch.long)
         return out
+
+
+    def _stored_targets(self, sample: dict, view: int, partner: dict | None, lam: float) -> dict[str, torch.Tensor]:
+        dist = teacher_distribution(sample, view, self.num_classes)
+        hard = int(sample["hard"][view])
+        out = {"teacher": torch.from_numpy(dist), "teacher_hard": torch.tensor(hard, dtype=torch.long)}
+        labels = [int(sample["label"])] + ([int(partner["label"])] if partner is not None else [])
+        if min(labels) < 0:
+            row = dist.copy() if self.class_targets == "soft" else np.eye(self.num_classes, dtype=np.float32)[hard]
+        else:
+            eye = np.eye(self.num_classes, dtype=np.float32)
+            row = eye[labels[0]] if partner is None else lam * eye[labels[0]] + (1.0 - lam) * eye[labels[1]]
+        out["label"] = torch.from_numpy(np.asarray(row, dtype=np.float32))
+        return out
+
+
+def _partners(samples: list[dict], records: np.ndarray) -> np.ndarray:
+    """Each sample's partner's row among ``samples`` (-1: not mixed, or not among them)."""
+    where = {key_number(s["key"]): k for k, s in enumerate(samples)}
+    return np.asarray([-1 if int(r["mix_key"]) == MIX_NONE else where.get(int(r["mix_key"]), -1) for r in records],
+                      dtype=np.int64)
 
 
 class EvalImages(torch.utils.data.Dataset):

@@ -5,7 +5,7 @@ only read: :class:`EncodedShardReplay` yields each sample's JPEG bytes with its 
 flip and teacher target (same shard order, sample order, view choice and per-rank/per-worker
 quotas as ``ShardReplay``, whose iteration it inherits). On the device, :func:`decode_and_cut`
 decodes the batch's JPEGs in one ``torchvision.io.decode_jpeg`` call (nvJPEG on CUDA) and cuts
-every view in one batched resampling; ``student.gpu_augment.BatchAugment`` then applies the DeiT
+every view in one batched resampling; ``shards.format.randaugment.BatchAugment`` then applies the DeiT
 augmentation to the whole batch. :class:`DeviceBatches` chains the three per step and, on CUDA,
 prepares the next batch on a side stream while the current one trains.
 
@@ -37,7 +37,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from deitpipe.shards.format.image import DEFAULT_MAX_PIXELS, ImageDecodeError, cut_view, decode_image
 from deitpipe.student.data import Augment, ShardReplay
-from deitpipe.student.gpu_augment import BatchAugment, augment_generator
+from deitpipe.shards.format.randaugment import BatchAugment, augment_generator
 
 _EXIF_ORIENTATION = 0x0112
 _BATCH_JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a JPEG with extra frames; the first is decoded
@@ -294,7 +294,7 @@ def prepare_batch(batch: dict[str, Any], *, img_size: int, device: torch.device 
         img_size: the student's input side.
         device: the training device.
         augment: the batched DeiT augmentation, or None for plain ToDtype (no normalisation).
-        generator: the augmentation's draws (:func:`gpu_augment.augment_generator`).
+        generator: the augmentation's draws (:func:`shards.format.randaugment.augment_generator`).
     Returns:
         "image" (B, 3, S, S) float32 (normalised by ``augment``), "label" (B,), and when present
         "teacher" (B, C) and "teacher_hard" (B,), all on ``device``: what ``MixupCutmix`` and

@@ -28,7 +28,7 @@ from deitpipe.student.config import TrainConfig
 from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items, steps_per_epoch
 from deitpipe.student.ema import build_ema
 from deitpipe.student.engine import MixupCutmix, evaluate, train_one_epoch
-from deitpipe.student.gpu_augment import BatchAugment
+from deitpipe.shards.format.randaugment import BatchAugment
 from deitpipe.student.gpu_replay import DeviceBatches, EncodedShardReplay, collate
 from deitpipe.student.loss import DistillationLoss
 from deitpipe.student.model import create_student
@@ -178,7 +178,8 @@ def train_loader(cfg: TrainConfig, info: dict[str, Any], mode: str, *, img_size:
     kwargs = dict(urls=info["urls"], num_classes=info["num_classes"], num_views=info["views"], teacher_labels=mode,
                   img_size=img_size, batch_size=cfg.batch_size, steps=steps, seed=cfg.seed, rank=rank,
                   world_size=world, min_scale=cfg.min_scale, checksums=info.get("sha256"),
-                  class_targets="soft" if info.get("unlabeled") and cfg.distillation == "soft" else "hard")
+                  class_targets="soft" if info.get("unlabeled") and cfg.distillation == "soft" else "hard",
+                  stored_augment=info.get("augment") if mode == "views" else None)
     pin = device.type == "cuda"
     if loader_kind(cfg, device) == "gpu":
         encoded = EncodedShardReplay(**kwargs)

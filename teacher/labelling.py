@@ -24,6 +24,7 @@ import numpy as np
 
 from deitpipe.shards import storage
 from deitpipe.shards.format import schema
+from deitpipe.shards.format.augment import AugmentSpec, draw_records, pair_group
 from deitpipe.shards.format.image import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -50,7 +51,7 @@ class LabelError(RuntimeError):
 
 def image_views(
     data: bytes, *, key: str, seed: int, views: int, prep: Preprocessing, min_scale: float = 0.08,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS, view_size: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS, view_size: int | None = None, augment: AugmentSpec | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Decode one image and cut its global view plus ``views`` random views at the teacher's size.
 
@@ -67,8 +68,11 @@ def image_views(
         min_scale: smallest crop area of a random view.
         max_pixels: larger images are refused as decompression bombs.
         view_size: the side views are cut at (None: the teacher's crop).
+        augment: draw each random view's augmentation record too; the views are then cut at
+            ``augment.size`` and left at that size (:class:`ViewTeacher` renders and resizes them).
     Returns:
-        ``({"height", "width", "box" (V+1, 4), "flip" (V+1,)}, pixels (V+1, 3, S, S) uint8)``.
+        ``({"height", "width", "box" (V+1, 4), "flip" (V+1,)[, "aug" (V+1,) records]},
+        pixels (V+1, 3, S, S) uint8)``.
     Raises:
         ImageDecodeError: the bytes are not a decodable image.
     """
@@ -79,17 +83,28 @@ def image_views(
     g = global_box(height=height, width=width, resize=prep.resize, crop=prep.crop)
     boxes = np.concatenate([np.asarray([g], dtype=schema.BOX_DTYPE), boxes])  # (V+1, 4)
     flips = np.concatenate([np.zeros(1, dtype=schema.FLIP_DTYPE), flips])  # (V+1,)
+    geo = {"height": height, "width": width, "box": boxes, "flip": flips}
+    if augment is not None:
+        geo["aug"] = draw_records(augment, seed=seed, key=key, num_views=views)
+        return geo, cut_views(img, boxes, flips, augment.size, interpolation=prep.interpolation).numpy()
     pixels = cut_views(img, boxes, flips, view_size or prep.crop, interpolation=prep.interpolation)
-    pixels = upsample_views(pixels, prep.crop).numpy()
-    return {"height": height, "width": width, "box": boxes, "flip": flips}, pixels
+    return geo, upsample_views(pixels, prep.crop).numpy()
 
 
-def chunk_plan(plan: list[list[int]], todo: list[int], *, views: int, batch_size: int) -> list[list[int]]:
+def chunk_plan(plan: list[list[int]], todo: list[int], *, views: int, batch_size: int,
+               mix_group: int | None = None) -> list[list[int]]:
     """The chunks of a run: the inputs of the shards in ``todo``, in shard order, cut into runs of
-    ``max(1, batch_size // (views + 1))``, so that a chunk's views fill one teacher pass."""
+    ``max(1, batch_size // (views + 1))``, so that a chunk's views fill one teacher pass.
+
+    With ``mix_group`` (views mixed with a partner), a chunk is instead one or more whole groups
+    of that many consecutive inputs of one shard, the groups partners are drawn in: a group
+    never spans two chunks or two shards."""
     per_chunk = max(1, batch_size // (views + 1))
-    order = [i for s in todo for i in plan[s]]
-    return [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
+    if mix_group is None:
+        order = [i for s in todo for i in plan[s]]
+        return [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
+    step = max(1, per_chunk // mix_group) * mix_group
+    return [plan[s][i:i + step] for s in todo for i in range(0, len(plan[s]), step)]
 
 
 def chunk_items(source: Source, indices: list[int]) -> list[dict[str, Any]]:
@@ -108,16 +123,23 @@ def _candidate(item: dict[str, Any]) -> Candidate:
 
 
 def decode_chunk(items: list[dict[str, Any]], *, seed: int, views: int, prep: dict[str, Any], min_scale: float = 0.08,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, view_size: int | None = None) -> dict[str, np.ndarray]:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, view_size: int | None = None,
+                 augment: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """Read and decode a chunk's images and cut their views; an undecodable one comes back with
     ``ok`` False and its reason.
 
+    With ``augment`` (an :class:`AugmentSpec` as a dict), each view's record is drawn too, one
+    column per field (``schema.AUG_FIELD_NAMES``, (n, V+1, ...)), partners paired inside each
+    group of ``mix_group`` consecutive items (:func:`chunk_plan` keeps groups whole), and the
+    views stay at ``augment["size"]``.
+
     Returns:
         ``{"index", "ok", "reason", "height", "width", "box" (n, V+1, 4), "flip" (n, V+1),
-        "pixels" (n, V+1, 3, S, S) uint8}``.
+        "pixels" (n, V+1, 3, S, S) uint8[, record fields]}``.
     """
     prep_ = Preprocessing.from_dict(prep)
-    n, s = len(items), prep_.crop
+    spec = AugmentSpec.from_dict(augment) if augment else None
+    n, s = len(items), (spec.size if spec else prep_.crop)
     out = {
         "index": np.asarray([int(it["index"]) for it in items], dtype=np.int64), "ok": np.zeros(n, dtype=bool),
         "reason": np.full(n, "", dtype=object),
@@ -126,11 +148,12 @@ def decode_chunk(items: list[dict[str, Any]], *, seed: int, views: int, prep: di
         "flip": np.zeros((n, views + 1), dtype=schema.FLIP_DTYPE),
         "pixels": np.zeros((n, views + 1, 3, s, s), dtype=np.uint8),
     }
+    records: dict[int, np.ndarray] = {}
     for i, item in enumerate(items):
         try:
             geo, pixels = image_views(read_bytes(_candidate(item)), key=schema.sample_key(int(item["index"])),
                                       seed=seed, views=views, prep=prep_, min_scale=min_scale, max_pixels=max_pixels,
-                                      view_size=view_size)
+                                      view_size=view_size, augment=spec)
         except (ImageDecodeError, OSError) as exc:
             out["reason"][i] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             continue
@@ -138,33 +161,100 @@ def decode_chunk(items: list[dict[str, Any]], *, seed: int, views: int, prep: di
         for k in ("height", "width", "box", "flip"):
             out[k][i] = geo[k]
         out["pixels"][i] = pixels
+        if spec is not None:
+            records[i] = geo["aug"]
+    if spec is not None:
+        _pair_and_store(out, records, spec, seed=seed, views=views)
     return out
+
+
+def _pair_and_store(out: dict[str, np.ndarray], records: dict[int, np.ndarray], spec: AugmentSpec, *,
+                    seed: int, views: int) -> None:
+    """Pair the decoded items' views inside each mix group, then store the records as columns."""
+    from deitpipe.shards.format.augment import no_records
+
+    n = len(out["index"])
+    if spec.mixes:
+        for start in range(0, n, spec.mix_group):
+            members = [i for i in range(start, min(start + spec.mix_group, n)) if i in records]
+            pair_group([schema.sample_key(int(out["index"][i])) for i in members], [records[i] for i in members],
+                       seed=seed)
+    blank = no_records(views + 1)
+    table = np.stack([records.get(i, blank) for i in range(n)]) if n else np.zeros((0, views + 1), blank.dtype)
+    for name in schema.AUG_FIELD_NAMES:
+        out[name] = np.ascontiguousarray(table[name])
 
 
 class ViewTeacher:
     """The teacher over all views of a decoded chunk, (n, V+1, 3, S, S) -> per-view outputs.
 
+    With ``augment`` (the label set's :class:`AugmentSpec` as a dict) the chunk's views are first
+    rendered under their records (``shards.format.augment.ViewRenderer``, the function both student
+    loaders replay them with) on the teacher's device, then resized to the teacher's input: the
+    teacher labels the student's final pixels.
+
     Args:
         cpu_threads: torch threads of a teacher on the CPU (None: torch's default).
+        augment: the stored augmentation, or None (crop and flip only).
         predictor_kwargs: :class:`TeacherPredictor`'s arguments (teacher name, weights path, ...).
     """
 
-    def __init__(self, *, cpu_threads: int | None = None, **predictor_kwargs: Any) -> None:
+    def __init__(self, *, cpu_threads: int | None = None, augment: dict[str, Any] | None = None,
+                 **predictor_kwargs: Any) -> None:
         if cpu_threads:
             import torch
 
             torch.set_num_threads(cpu_threads)
         self.predictor = TeacherPredictor(**predictor_kwargs)
+        self.renderer = None
+        if augment:
+            from deitpipe.shards.format.augment import ViewRenderer
+
+            self.renderer = ViewRenderer(AugmentSpec.from_dict(augment))
 
     def __call__(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         chunk = dict(chunk)
         pixels = chunk.pop("pixels")  # (n, V+1, 3, S, S)
         n, v = pixels.shape[:2]
-        labelled = self.predictor({"pixels": pixels.reshape(n * v, *pixels.shape[2:])})
+        if self.renderer is not None:
+            labelled = self._label_rendered(pixels, chunk)
+        else:
+            labelled = self.predictor({"pixels": pixels.reshape(n * v, *pixels.shape[2:])})
         for k in OUTPUT_MEMBERS:
             if k in labelled:
                 chunk[k] = labelled[k].reshape(n, v, *labelled[k].shape[1:])
         return chunk
+
+    def _label_rendered(self, pixels: np.ndarray, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Render view-major slices (every image's view v together, so each partner is in the
+        slice), resize them to the teacher's input and label them; rows come back image-major."""
+        import torch
+
+        from deitpipe.shards.format.augment import MIX_NONE, aug_dtype
+
+        n, v = pixels.shape[:2]
+        records = np.zeros((n, v), dtype=aug_dtype())
+        for name in schema.AUG_FIELD_NAMES:
+            records[name] = chunk[name]
+        position = {int(index): b for b, index in enumerate(chunk["index"])}
+        spec, device = self.renderer.spec, self.predictor.device
+        crop = self.predictor.info.preprocessing.crop
+        mean = torch.tensor(spec.mean, device=device)[None, :, None, None]
+        std = torch.tensor(spec.std, device=device)[None, :, None, None]
+        views_per_pass = max(1, self.predictor.batch_size // max(n, 1))
+        probs = []
+        for first in range(0, v, views_per_pass):
+            cols = range(first, min(first + views_per_pass, v))
+            rec = np.concatenate([records[:, c] for c in cols])  # view-major: row (c - first) * n + b
+            partner = np.asarray([-1 if r["mix_key"] == MIX_NONE else (c - first) * n + position[int(r["mix_key"])]
+                                  for c in cols for r in records[:, c]], dtype=np.int64)
+            views = torch.from_numpy(np.ascontiguousarray(pixels[:, first:cols.stop].swapaxes(0, 1))).to(device)
+            out = self.renderer(views.reshape(-1, *views.shape[2:]), rec, partner)
+            unit = out * std + mean  # back to [0, 1] units: the teacher normalises its own way
+            if unit.shape[-1] != crop:
+                unit = torch.nn.functional.interpolate(unit, size=(crop, crop), mode="bilinear", align_corners=False)
+            probs.append(self.predictor.probs(unit).view(len(cols), n, -1).transpose(0, 1))
+        return self.predictor.summarize(torch.cat(probs, 1).reshape(n * v, -1))
 
 
 def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int, source: Source,
@@ -185,7 +275,7 @@ def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int,
             # Types the schema does not list are stored as PNG of the same pixel grid.
             image_bytes, ext = (data, ext) if ext else storable_image(data, decode_image(data))
             views = {"box": row["box"], "flip": row["flip"]}
-            views.update({k: row[k] for k in OUTPUT_MEMBERS if k in row})
+            views.update({k: row[k] for k in OUTPUT_MEMBERS + schema.AUG_FIELD_NAMES if k in row})
             writer.write(encode_sample(
                 key=schema.sample_key(index), image_bytes=image_bytes, image_ext=ext, label=cand.label,
                 meta={"path": cand.path, "height": int(row["height"]), "width": int(row["width"])},

@@ -100,11 +100,11 @@ def predict_probs(
     device: torch.device | str,
     batch_size: int,
 ) -> torch.Tensor:
-    """Softmax of a teacher over uint8 crops, in chunks.
+    """Softmax of a teacher over uint8 crops (or float crops in [0, 1] units), in chunks.
 
     Args:
         model: the teacher in eval mode, already on ``device``.
-        pixels_uint8: (N, 3, S, S) uint8 RGB crops at the teacher's input size.
+        pixels_uint8: (N, 3, S, S) uint8 RGB crops at the teacher's input size, or float32.
         prep: the teacher's preprocessing (mean and std).
         device: where the forward runs; CUDA runs under bfloat16 autocast, CPU in float32.
         batch_size: rows per forward pass.
@@ -119,7 +119,7 @@ def predict_probs(
     with torch.inference_mode(), bf16_autocast(device):
         for start in range(0, pixels.shape[0], batch_size):
             chunk = pixels[start : start + batch_size]
-            if on_cuda:
+            if on_cuda and not chunk.is_cuda:
                 chunk = chunk.pin_memory()  # lets the host-to-device copy run asynchronously
             logits = model(normalize(chunk, prep, device))  # (B, C)
             # Softmax in float32 whatever autocast produced: small probabilities matter for KD.
@@ -209,19 +209,18 @@ class TeacherPredictor:
         """
         if PIXELS not in batch:
             raise KeyError(f"teacher batches need a {PIXELS!r} column, got {sorted(batch)}")
-        pixels = batch[PIXELS]
-        if len(pixels) == 0:
-            probs = torch.empty(0, self.info.num_classes)
-        else:
-            probs = predict_probs(
-                self.model,
-                pixels,
-                self.info.preprocessing,
-                device=self.device,
-                batch_size=self.batch_size,
-            )
-        outputs = summarize_probs(
-            probs, topk=self.topk, full_softmax=self.full_softmax, index_dtype=self.index_dtype
-        )
         passed = {k: v for k, v in batch.items() if k != PIXELS}
-        return {**passed, **outputs.columns()}
+        return {**passed, **self.summarize(self.probs(batch[PIXELS]))}
+
+    def probs(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, C) float32 softmax on the CPU of (N, 3, S, S) uint8 crops, or float crops in [0, 1]
+        units (rendered views: mixed, erased), at the teacher's input size."""
+        if len(pixels) == 0:
+            return torch.empty(0, self.info.num_classes)
+        return predict_probs(self.model, pixels, self.info.preprocessing, device=self.device,
+                             batch_size=self.batch_size)
+
+    def summarize(self, probs: torch.Tensor) -> dict[str, np.ndarray]:
+        """The output columns ("hard", "topk", "prob", "rest"[, "softmax"]) of (N, C) softmax."""
+        return summarize_probs(probs, topk=self.topk, full_softmax=self.full_softmax,
+                               index_dtype=self.index_dtype).columns()

@@ -329,19 +329,21 @@ def normalize(
     """Turn uint8 crops into the teacher's normalised float input on ``device``.
 
     The crops are already cut at the teacher's input size; only ``(x / 255 - mean) / std`` is
-    applied here.
+    applied here. Float crops (rendered views: mixed or erased) are taken in [0, 1] units and
+    get ``(x - mean) / std``.
 
     Args:
-        batch_uint8: (N, 3, S, S) uint8 RGB crops.
+        batch_uint8: (N, 3, S, S) uint8 RGB crops, or float32 in [0, 1] units.
         prep: the teacher's preprocessing (mean and std are used).
         device: where the result lives.
 
     Returns:
         (N, 3, S, S) float32 tensor in channels-last memory format.
     """
-    if batch_uint8.dtype != torch.uint8 or batch_uint8.ndim != 4 or batch_uint8.shape[1] != 3:
+    scale = 255.0 if batch_uint8.dtype == torch.uint8 else 1.0
+    if batch_uint8.dtype not in (torch.uint8, torch.float32) or batch_uint8.ndim != 4 or batch_uint8.shape[1] != 3:
         raise ValueError(
-            f"teacher input must be uint8 (N, 3, S, S), got {batch_uint8.dtype} "
+            f"teacher input must be uint8 or float32 (N, 3, S, S), got {batch_uint8.dtype} "
             f"{tuple(batch_uint8.shape)}"
         )
     # Move uint8 (a quarter of the float bytes) and convert on the device.
@@ -349,5 +351,5 @@ def normalize(
     mean = torch.tensor(prep.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(prep.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     # One fused multiply-add: x * 1/(255 std) - mean/std.
-    out = torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std))
+    out = torch.addcmul(-mean / std, x.float(), 1.0 / (scale * std))
     return out.contiguous(memory_format=torch.channels_last)

@@ -91,7 +91,9 @@ def test_encode_sample_validates(sample_maker):
         encode_sample(**{**s, "views": {**s["views"], "box": s["views"]["box"][:, :3]}})
     with pytest.raises(ValueError, match="softmax has 10 columns, num_classes is 12"):
         encode_sample(**{**sample_maker(0, softmax=True), "num_classes": 12})
-    with pytest.raises(ValueError, match="schema_version 3"):
+    with pytest.raises(ValueError, match="schema_version 4"):
+        encode_sample(**s, schema_version=4)
+    with pytest.raises(ValueError, match="schema version 3 needs the augmentation record"):
         encode_sample(**s, schema_version=3)
     cast = encode_sample(**{**s, "views": {**s["views"], "prob": s["views"]["prob"].astype(np.float32)}})
     assert decode_sample({**cast, "__url__": "u"})["prob"].dtype == np.float16

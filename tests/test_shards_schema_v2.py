@@ -229,17 +229,17 @@ def test_duplicate_views_member_is_refused(tmp_path, sample_maker):
 
 
 def test_manifest_versions(tmp_path):
-    for version in (1, 2):
+    for version in (1, 2, 3):
         write_manifest(tmp_path, {"schema_version": version, "shards": []})
         assert read_manifest(tmp_path)["schema_version"] == version
     write_manifest(tmp_path, {"shards": []})
     assert read_manifest(tmp_path)["schema_version"] == schema.SCHEMA_VERSION == 2
-    for bad in (3, 0, True, 2.0, "2", None):
+    for bad in (4, 0, True, 2.0, "2", None):
         (tmp_path / schema.MANIFEST_NAME).write_text(json.dumps({"schema_version": bad, "shards": []}))
-        with pytest.raises(ManifestError, match=r"schema_version .*, this deitpipe reads 1 and 2; relabel"):
+        with pytest.raises(ManifestError, match=r"schema_version .*, this deitpipe reads 1, 2 and 3; relabel"):
             read_manifest(tmp_path)
-    with pytest.raises(ValueError, match="schema_version 3"):
-        write_manifest(tmp_path, {"schema_version": 3, "shards": []})
+    with pytest.raises(ValueError, match="schema_version 4"):
+        write_manifest(tmp_path, {"schema_version": 4, "shards": []})
 
 
 @pytest.mark.parametrize("versions, manifest_version", [([2, 2], 2), ([1, 1], 1), ([1, 2], 2)])

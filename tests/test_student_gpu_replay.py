@@ -23,7 +23,7 @@ from deitpipe.shards.format.writer import ShardFileWriter, encode_sample
 from deitpipe.shards.inputs.embedded import render_digit
 from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.student.engine import MixupCutmix, train_one_epoch
-from deitpipe.student.gpu_augment import BatchAugment
+from deitpipe.shards.format.randaugment import BatchAugment
 from deitpipe.student.gpu_replay import (
     DeviceBatches,
     EncodedShardReplay,

@@ -134,7 +134,7 @@ def _parse_manifest(text: str, where: str) -> dict[str, Any]:
         raise ManifestError(f"{where}: manifest has no 'shards' list; relabel or restore it")
     version = data.get("schema_version")
     if type(version) is not int or version not in schema.READABLE_VERSIONS:  # not True, not 2.0
-        readable = " and ".join(map(str, schema.READABLE_VERSIONS))
+        readable = ", ".join(map(str, schema.READABLE_VERSIONS[:-1])) + f" and {schema.READABLE_VERSIONS[-1]}"
         raise ManifestError(
             f"{where}: shard schema_version {version!r}, this deitpipe reads {readable}; relabel with this version"
         )

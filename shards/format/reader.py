@@ -209,8 +209,15 @@ def image_member(sample: dict[str, Any]) -> str | None:
 
 
 def sample_schema_version(raw: dict[str, Any]) -> int:
-    """The schema version a raw sample was written in: 2 with ``views.npy``, else 1."""
-    return 2 if schema.VIEWS in raw else 1
+    """The schema version a raw sample was written in: 3 with a ``views.npy`` that holds the
+    augmentation record, 2 with one that does not, else 1."""
+    if schema.VIEWS not in raw:
+        return 1
+    try:
+        names = _parse_npy_header(raw[schema.VIEWS])[0].names or ()
+    except ValueError:
+        return 2
+    return schema.AUGMENTED_VERSION if "ra_op" in names else 2
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
@@ -254,19 +261,22 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_FIELDS = schema.VIEW_FIELDS + (schema.SOFTMAX_FIELD,)
+_FIELDS = schema.VIEW_FIELDS + schema.AUG_FIELD_NAMES + (schema.SOFTMAX_FIELD,)
 
 
 def _split_views(data: bytes, where: str) -> dict[str, np.ndarray]:
-    """The fields of a version 2 ``views.npy`` as separate C-ordered arrays in native byte order."""
+    """The fields of a version 2 or 3 ``views.npy`` as separate C-ordered arrays in native byte
+    order; a version 3 record comes whole (all of ``schema.AUG_FIELD_NAMES``) or not at all."""
     try:
         rows = _npy_view(data)
     except ValueError as exc:
         raise ValueError(f"{where}: {schema.VIEWS}: {exc}") from None
     names = rows.dtype.names or ()
-    if rows.ndim != 1 or not set(schema.VIEW_FIELDS) <= set(names) or not set(names) <= set(_FIELDS):
+    record = set(names) & set(schema.AUG_FIELD_NAMES)
+    if (rows.ndim != 1 or not set(schema.VIEW_FIELDS) <= set(names) or not set(names) <= set(_FIELDS)
+            or record and record != set(schema.AUG_FIELD_NAMES)):
         raise ValueError(f"{where}: {schema.VIEWS} must be a 1-D structured array with fields "
-                         f"{list(schema.VIEW_FIELDS)} [+ softmax], got shape {rows.shape} fields {list(names)}")
+                         f"{list(schema.VIEW_FIELDS)} [+ the augmentation record] [+ softmax], got shape {rows.shape} fields {list(names)}")
     out = {}
     for name in _FIELDS:
         if name in names:

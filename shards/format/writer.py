@@ -27,8 +27,10 @@ from deitpipe.shards.storage.atomic import commit_file, discard_file, temp_path
 
 _FLOAT_FIELDS = ("prob", "rest", schema.SOFTMAX_FIELD)
 _CLASS_FIELDS = ("hard", "topk")
-_ALL_FIELDS = schema.VIEW_FIELDS + (schema.SOFTMAX_FIELD,)
-_NDIM = {"box": 2, "flip": 1, "hard": 1, "topk": 2, "prob": 2, "rest": 1, schema.SOFTMAX_FIELD: 2}
+_ALL_FIELDS = schema.VIEW_FIELDS + schema.AUG_FIELD_NAMES + (schema.SOFTMAX_FIELD,)
+_NDIM = {"box": 2, "flip": 1, "hard": 1, "topk": 2, "prob": 2, "rest": 1, schema.SOFTMAX_FIELD: 2,
+         **{name: 1 + len(shape) for name, _, shape in schema.AUG_FIELDS}}
+_AUG_DTYPES = {name: np.dtype(kind) for name, kind, _ in schema.AUG_FIELDS}
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -44,6 +46,8 @@ def _cast_field(field: str, arr: Any, num_classes: int | None) -> np.ndarray:
         return arr.astype(schema.BOX_DTYPE)
     if field == "flip":
         return arr.astype(schema.FLIP_DTYPE)
+    if field in _AUG_DTYPES:
+        return arr.astype(_AUG_DTYPES[field])
     if field in _FLOAT_FIELDS:
         return arr.astype(schema.PROB_DTYPE)
     if field in _CLASS_FIELDS:
@@ -74,7 +78,7 @@ def _views_array(arrays: dict[str, np.ndarray], num_classes: int | None) -> np.n
     softmax = arrays.get(schema.SOFTMAX_FIELD)
     width = softmax.shape[1] if softmax is not None else (num_classes or 0)
     dtype = schema.views_dtype(width, arrays["topk"].shape[1], softmax is not None,
-                               index_dtype=arrays["hard"].dtype)
+                               index_dtype=arrays["hard"].dtype, augment="ra_op" in arrays)
     rows = np.zeros(arrays["box"].shape[0], dtype=dtype)
     for field, arr in arrays.items():
         rows[field] = arr
@@ -90,7 +94,7 @@ def encode_sample(
     meta: Mapping[str, Any],
     views: Mapping[str, np.ndarray],
     num_classes: int | None = None,
-    schema_version: int = schema.SCHEMA_VERSION,
+    schema_version: int | None = None,
 ) -> dict[str, Any]:
     """Build the member dict of one sample as the schema defines it.
 
@@ -104,8 +108,10 @@ def encode_sample(
             ``hard``, ``topk``, ``prob``, ``rest``, optional ``softmax``); all V + 1 rows.
         num_classes: When given, ``hard``/``topk`` are cast to ``schema.class_dtype`` and a
             ``softmax`` must have this many columns.
-        schema_version: 2 (default) packs the per-view arrays into one ``views.npy`` member;
-            1 writes one ``<field>.npy`` member per array, as version 1 readers expect.
+        schema_version: 2 packs the per-view arrays into one ``views.npy`` member; 3 does so
+            with the augmentation record (``schema.AUG_FIELDS``, all of them, in ``views``); 1
+            writes one ``<field>.npy`` member per array, as version 1 readers expect. Default:
+            3 when ``views`` holds the record, else 2.
 
     Returns:
         ``{"__key__": key, "<ext>": bytes, "cls": bytes, "json": bytes, "views.npy": bytes}``
@@ -115,7 +121,7 @@ def encode_sample(
         raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
     if image_ext not in schema.IMAGE_EXTENSIONS:
         raise ValueError(f"image_ext {image_ext!r} is not one of {schema.IMAGE_EXTENSIONS}")
-    if schema_version not in schema.READABLE_VERSIONS:
+    if schema_version is not None and schema_version not in schema.READABLE_VERSIONS:
         raise ValueError(f"schema_version {schema_version!r} is not one of {schema.READABLE_VERSIONS}")
     missing = [k for k in ("path", "height", "width") if k not in meta]
     if missing:
@@ -125,6 +131,14 @@ def encode_sample(
     absent = [f for f in schema.VIEW_FIELDS if f not in arrays]
     if absent:
         raise ValueError(f"sample {key}: views lack {absent}")
+    record = [f for f in schema.AUG_FIELD_NAMES if f in arrays]
+    if schema_version is None:
+        schema_version = schema.AUGMENTED_VERSION if record else schema.SCHEMA_VERSION
+    if record and (len(record) != len(schema.AUG_FIELD_NAMES) or schema_version != schema.AUGMENTED_VERSION):
+        raise ValueError(f"sample {key}: an augmentation record needs all of {list(schema.AUG_FIELD_NAMES)} and "
+                         f"schema version {schema.AUGMENTED_VERSION}, got {record} in version {schema_version}")
+    if schema_version == schema.AUGMENTED_VERSION and not record:
+        raise ValueError(f"sample {key}: schema version 3 needs the augmentation record {list(schema.AUG_FIELD_NAMES)}")
     _check_shapes(key, arrays)
     softmax = arrays.get(schema.SOFTMAX_FIELD)
     if softmax is not None and num_classes is not None and softmax.shape[1] != num_classes:
@@ -136,7 +150,7 @@ def encode_sample(
     }
     if int(label) >= 0:
         sample[schema.CLS] = str(int(label)).encode("ascii")
-    if schema_version == 2:
+    if schema_version >= 2:
         sample[schema.VIEWS] = npy_bytes(_views_array(arrays, num_classes))
         return sample
     for field in _ALL_FIELDS:

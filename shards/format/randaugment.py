@@ -1,6 +1,6 @@
 """DeiT's per-image augmentation on a whole batch at once: RandAugment, normalisation, erasing.
 
-The same recipe as ``student.data.Augment`` (timm's ``rand-m9-mstd0.5-inc1`` RandAugment, then
+The same recipe as the student's ``Augment`` (timm's ``rand-m9-mstd0.5-inc1`` RandAugment, then
 ToDtype + Normalize, then torchvision's RandomErasing with per-pixel noise), but every draw is a
 per-sample tensor and every op runs on the whole (B, 3, H, W) batch on its device, so nothing
 loops over the samples:

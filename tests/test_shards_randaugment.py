@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from deitpipe.student.data import Augment, RandAugment
 from deitpipe.student.engine import MixupCutmix
-from deitpipe.student.gpu_augment import (
+from deitpipe.shards.format.randaugment import (
     GEOMETRIC,
     BatchAugment,
     BatchRandAugment,
