@@ -4,8 +4,10 @@ On an embedded data set (cluttered digits by default, ``--data digits`` for the 
 1,200 training / 597 held-out images, 32 px), the demo's teacher, views and students
 (``pipeline/demo.py``), several seeds each, held-out top-1 of the averaged heads, the mean of the
 last ``--last`` evaluations (less noise than the last one alone), of:
-    same data: no distillation; hard / soft distillation from stored views, replayed; hard
-    distillation from the teacher run live on the student's batch;
+    same data: no distillation (with and without DeiT's augmentation); hard / soft distillation
+    from stored views, replayed; hard distillation from stored views that carry DeiT's whole
+    augmentation (label-teacher --rand-augment 9 --random-erasing 0.25 --mixup 0.8 --cutmix 1.0),
+    replayed exactly; hard distillation from the teacher run live on the student's batch;
     few labels: K labels a class alone (as many steps as the others, --epoch-repeats); K labels
     and the teacher's labels on the other 1,200 - 10K images (label-teacher --unlabeled); the
     student with every label (no distillation) is the ceiling.
@@ -54,15 +56,23 @@ from deitpipe.student.trainer import train
 
 NONE, LIVE = "no distillation", "live teacher, hard"
 FEW, FEW_TEACHER = "K labels alone", "K labels + teacher on the rest, hard"
+STORED, STORED_AUG, NONE_AUG = "stored views, hard", "stored views + augmentation, hard", "no distillation, DeiT augmentation"
 # name -> (distillation, teacher labels, live teacher, shard sets, baseline); "K" is --labels-per-class.
 ROWS = {
     NONE: ("none", None, False, ("all",), None),
-    "stored views, hard": ("hard", "views", False, ("all",), NONE),
+    NONE_AUG: ("none", None, False, ("all",), NONE),
+    STORED: ("hard", "views", False, ("all",), NONE),
+    STORED_AUG: ("hard", "views", False, ("augmented",), NONE),
     "stored views, soft": ("soft", "views", False, ("all",), NONE),
     LIVE: ("hard", None, True, ("all",), NONE),
     FEW: ("none", None, False, ("labeled",), None),
     FEW_TEACHER: ("hard", "views", False, ("labeled", "unlabeled"), FEW),
 }
+# DeiT's recipe: what "augmented" shards store, and what NONE_AUG's student draws itself.
+RECIPE = dict(rand_augment=9.0, random_erasing=0.25, mixup=0.8, cutmix=1.0)
+STUDENT_AUGMENT = {NONE_AUG: RECIPE}
+# Further differences each row is reported against, beside its baseline.
+COMPARE = {STORED_AUG: (STORED, LIVE, NONE_AUG)}
 # What the student's input goes through, step by step, for the consistency measure: DeiT's
 # RandAugment (rand-m9-mstd0.5), random erasing 0.25, mixup 0.8 / cutmix 1.0 (switch 0.5).
 INPUTS = [("un-augmented view (flip only)", None, 0.0, False), ("+ RandAugment", 9.0, 0.0, False),
@@ -91,17 +101,19 @@ def train_one(cfg, *, info, online, out: Path, last: int) -> dict:
 
 
 def label_agreement(*, urls, views, teacher, mode, min_scale, img_size, rand_augment=None,
-                    random_erasing=0.0, mixup=False, epochs=2, batch_size=100) -> float:
+                    random_erasing=0.0, mixup=False, epochs=2, batch_size=100, stored_augment=None) -> float:
     """Percent of training targets whose argmax equals the live teacher's argmax on the same pixels.
 
     The target is the stored (or global) teacher distribution of each sample, mixed as the
     training loop mixes it when ``mixup`` is on; the pixels are the batch after every step.
+    With ``stored_augment`` (the manifest's "augment"), each stored view is replayed whole.
     """
     agree = total = 0
     for epoch in range(epochs):
         augment = Augment(rand_augment=rand_augment, random_erasing=random_erasing, img_size=img_size)
         ds = ShardReplay(urls=urls, num_classes=10, num_views=views, teacher_labels=mode, img_size=img_size,
-                         batch_size=batch_size, steps=12, min_scale=min_scale, seed=epoch, augment=augment)
+                         batch_size=batch_size, steps=12, min_scale=min_scale, seed=epoch, augment=augment,
+                         stored_augment=stored_augment)
         ds.set_epoch(epoch)
         mix = MixupCutmix(10, mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, seed=epoch) if mixup else None
         for batch in DataLoader(ds, batch_size=batch_size):
@@ -134,10 +146,13 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
                "sd": statistics.stdev(scores) if len(scores) > 1 else 0.0,
                "curve": [round(statistics.mean(r["curve"][e] for r in runs), 2) for e in range(epochs)]}
         baseline = ROWS[name][4]
-        others = (("vs_baseline", baseline), ("vs_ceiling", NONE if ROWS[name][3] != ("all",) else None))
+        few = ROWS[name][3] in (("labeled",), ("labeled", "unlabeled"))
+        others = (("vs_baseline", baseline), ("vs_ceiling", NONE if few else None))
         for key, other in others:
             if other and other in results and len(results[other]) == len(runs):
                 row[key] = {"row": other, **_diff(scores, [r["top1"] for r in results[other]])}
+        row["vs_others"] = [{"row": other, **_diff(scores, [r["top1"] for r in results[other]])}
+                            for other in COMPARE.get(name, ()) if other in results and len(results[other]) == len(runs)]
         table[name] = row
     return table
 
@@ -155,6 +170,11 @@ def markdown(table: dict[str, dict], seeds: list[int]) -> str:
         ceiling = f"{c['mean']:+.2f} ({c['se_paired']:.2f})" if c else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['mean']:.2f} ± {row['sd']:.2f} | {vs} | "
                      f"{ratio} | {ceiling} |")
+    for name, row in table.items():
+        for d in row.get("vs_others", []):
+            lines.append(f"\n{name} − {d['row']}: {d['mean']:+.2f} (paired SE {d['se_paired']:.2f}, "
+                         f"{d['mean'] / d['se_paired']:.1f} SE; unpaired {d['se_unpaired']:.2f})"
+                         if d["se_paired"] > 0 else f"\n{name} − {d['row']}: {d['mean']:+.2f}")
     return "\n".join(lines)
 
 
@@ -168,13 +188,14 @@ def curves_markdown(table: dict[str, dict], points: int = 10) -> str:
     return "\n".join(lines)
 
 
-def _label(out: Path, folder: str, spec: str, demo: DemoConfig, weights: str, *, unlabeled: bool = False) -> Path:
+def _label(out: Path, folder: str, spec: str, demo: DemoConfig, weights: str, *, unlabeled: bool = False,
+           augment: dict | None = None) -> Path:
     shards = out / folder
     if not (shards / "manifest.json").exists() or not json.loads((shards / "manifest.json").read_text()).get("complete"):
         label_teacher(LabelConfig(data=spec, out=str(shards), teacher=demo.teacher, teacher_weights=weights,
                                   views=demo.views, min_scale=demo.min_scale, view_size=demo.student_size,
                                   unlabeled=unlabeled, shard_size=300, device="cpu", launcher="local",
-                                  progress=False))
+                                  progress=False, **(augment or {})))
     return shards
 
 
@@ -206,7 +227,8 @@ def main() -> None:
     sets = {"all": _label(out, "shards", f"{demo.data}:train", demo, teacher["weights"]),
             "labeled": _label(out, f"shards-labeled-{k}", f"{demo.data}:labeled-{k}", demo, teacher["weights"]),
             "unlabeled": _label(out, f"shards-unlabeled-{k}", f"{demo.data}:unlabeled-{k}", demo, teacher["weights"],
-                                unlabeled=True)}
+                                unlabeled=True),
+            "augmented": _label(out, "shards-augmented", f"{demo.data}:train", demo, teacher["weights"], augment=RECIPE)}
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": demo.data,
                       "teacher": demo.teacher, "teacher_top1": round(100 * teacher["val_top1"], 2),
                       "epochs": demo.student_epochs, "seeds": args.seeds, "views": demo.views, "labels_per_class": k,
@@ -222,6 +244,10 @@ def main() -> None:
             urls=urls, views=demo.views, teacher=live, mode=mode, min_scale=demo.min_scale,
             img_size=demo.student_size, rand_augment=ra, random_erasing=erase, mixup=mix), 2)}
             for mode in ("views", "global") for name, ra, erase, mix in INPUTS]
+        stored = shard_sets_info((str(sets["augmented"]),))["augment"]
+        found.append({"labels": "views with their augmentation", "input": INPUTS[-1][0], "agree_pct": round(
+            label_agreement(urls=expand_urls(str(sets["augmented"])), views=demo.views, teacher=live, mode="views",
+                            min_scale=demo.min_scale, img_size=demo.student_size, stored_augment=stored), 2)})
         write_json_atomic(agreement, found)
     for line in json.loads(agreement.read_text()) if agreement.exists() else []:
         print(json.dumps({"measure": "training target == live teacher on the same pixels", **line}), flush=True)
@@ -239,7 +265,8 @@ def main() -> None:
                 continue
             cfg = replace(base, distillation=distillation, seed=seed,
                           teacher_labels=labels if distillation != "none" else None,
-                          epoch_repeats=1200 / info["samples"] if which == ("labeled",) else 1.0)
+                          epoch_repeats=1200 / info["samples"] if which == ("labeled",) else 1.0,
+                          **STUDENT_AUGMENT.get(name, {}))
             runs.append(train_one(cfg, info=info, online=live if online else None, out=folder, last=args.last))
             print(json.dumps({"row": name, "seed": seed, **runs[-1]}), flush=True)
         if len(runs) == len(args.seeds):

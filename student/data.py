@@ -146,6 +146,7 @@ class Augment:
 
 _PASS_STRIDE = 1_000_003  # draw_epoch of a further pass within an epoch: never another epoch's
 _SHARD_VIEW_TAG = 0x5A1E  # the view a shard with stored mixing replays in an epoch
+_RENDER_GROUP = 32  # stored views rendered per call of the batched ops
 
 
 def steps_per_epoch(num_samples: int, *, batch_size: int, world_size: int, repeats: float = 1.0) -> int:
@@ -261,24 +262,39 @@ class ShardReplay(IterableDataset):
             return
         samples = [self._decoded(r, url) for r in raw]
         if not self.stored.mixes:
-            for i in order:
-                yield from self.replay([samples[i]], [self.view_of(samples[i], height=0, width=0)[0]], 1)
+            for start in range(0, len(order), _RENDER_GROUP):
+                group = [samples[i] for i in order[start:start + _RENDER_GROUP]]
+                yield from self.replay(group, [self.view_of(s, height=0, width=0)[0] for s in group], len(group))
             return
         position = {key_number(s["key"]): k for k, s in enumerate(samples)}
         done: set[int] = set()
+        emitted: list[int] = []
+        lenders: list[int] = []  # partners yielded before, rendered again for their pixels only
+        view = self.shard_view(samples[0], url) if samples else 0
         for i in order:
             if i in done:
                 continue
-            view = self.shard_view(samples[i], url)
             key = int(samples[i]["mix_key"][view])
             partner = position.get(key) if key != MIX_NONE else None
             if key != MIX_NONE and (partner is None or int(samples[i]["mix_view"][view]) != view):
                 raise ValueError(f"{url}: sample {samples[i]['key']} view {view} mixes with sample {key}, whose view "
                                  "the shard does not hold; relabel the shard")
-            unit = [i] if partner is None or partner == i else [i, partner]
-            emit = len(unit) if partner not in done else 1  # a partner already yielded only lends its pixels
-            done.update(unit[:emit])
-            yield from self.replay([samples[k] for k in unit], [view] * len(unit), emit)
+            unit = [i] if partner is None or partner == i or partner in done else [i, partner]
+            if partner is not None and partner in done and partner not in emitted:
+                lenders.append(partner)
+            done.update(unit)
+            emitted += unit
+            if len(emitted) >= _RENDER_GROUP:
+                yield from self._replay_group(samples, emitted, lenders, view)
+                emitted, lenders = [], []
+        if emitted:
+            yield from self._replay_group(samples, emitted, lenders, view)
+
+    def _replay_group(self, samples: list[dict], emitted: list[int], lenders: list[int],
+                      view: int) -> list[dict[str, torch.Tensor]]:
+        """Render several units at once (one call amortises the batched ops' overhead)."""
+        group = [samples[k] for k in emitted] + [samples[k] for k in dict.fromkeys(lenders) if k not in emitted]
+        return self.replay(group, [view] * len(group), len(emitted))
 
     def shard_view(self, sample: dict, url: str) -> int:
         """The view a shard with stored mixing replays this epoch, the same index for all its

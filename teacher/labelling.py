@@ -375,15 +375,32 @@ def label_local(chunks: Iterable[list[dict[str, Any]]], *, decode: dict[str, Any
     threads = threads or local_cpus()
     view_teacher = ViewTeacher(**teacher)
     chunks = iter(chunks)
+    first = next(chunks, None)
+    if first is None:
+        return
+    chunks = itertools.chain([first], chunks)
     with ThreadPoolExecutor(max_workers=threads) as pool:
+        depth = _lookahead(len(first), decode, threads)
         ahead: deque[Future] = deque(pool.submit(decode_chunk, c, **decode)
-                                     for c in itertools.islice(chunks, 2 * threads))
+                                     for c in itertools.islice(chunks, depth))
         while ahead:
             decoded = ahead.popleft().result()
             nxt = next(chunks, None)
             if nxt is not None:
                 ahead.append(pool.submit(decode_chunk, nxt, **decode))
             yield view_teacher(decoded)
+
+
+_DECODED_BUDGET = 2 << 30  # bytes of decoded views held ahead of the teacher
+
+
+def _lookahead(images: int, decode: dict[str, Any], threads: int) -> int:
+    """Chunks decoded ahead: two a thread, fewer where a chunk's views are large (hundreds of
+    views an image at 224 px are about 60 MB an image), never under two."""
+    prep = decode.get("prep") or {}
+    side = (decode.get("augment") or {}).get("size") or prep.get("crop") or 224
+    chunk_bytes = images * (int(decode.get("views", 0)) + 1) * 3 * side * side
+    return max(2, min(2 * threads, _DECODED_BUDGET // max(chunk_bytes, 1)))
 
 
 def consume(batches: Iterable[dict[str, np.ndarray]], packer: ShardPacker,
