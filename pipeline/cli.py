@@ -155,14 +155,50 @@ def demo_cmd(**options) -> None:
 @main.command("inspect")
 @click.argument("out")
 @click.option("--deep", is_flag=True, help="Also decode every sample and check per-view shapes.")
+@click.option("--check-teacher", "check_views", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Instead of the summary: replay N stored views as train-student's loader does, run the "
+                   "manifest's teacher on them and print its agreement with the stored labels; exit 1 below "
+                   "99 %.")
+@click.option("--teacher-weights", default=None,
+              help="With --check-teacher: the teacher's weights file (default: the one label-teacher was given).")
+@click.option("--loader", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="With --check-teacher: replay with train-student's worker loader (cpu, the default) or its "
+                   "batched one (gpu, on --device).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="With --check-teacher: where the teacher and the gpu loader run (default: auto, CUDA when "
+                   "there is one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect_cmd(out: str, deep: bool, as_json: bool) -> None:
-    """Summarise a shard directory, verify every shard, and show one sample's labels."""
+def inspect_cmd(out: str, deep: bool, check_views: int | None, teacher_weights: str | None, loader: str | None,
+                device: str | None, as_json: bool) -> None:
+    """Summarise a shard directory, verify every shard, and show one sample's labels; or check that the
+    stored labels are the teacher's answer on the views train-student replays."""
     from deitpipe.pipeline.inspect import inspect_shards
 
-    report = inspect_shards(out, deep=deep)
+    if check_views is None:
+        given = [name for name, value in (("--teacher-weights", teacher_weights), ("--loader", loader),
+                                          ("--device", device)) if value]
+        if given:
+            raise click.ClickException(f"{given[0]} applies to --check-teacher N; add it or drop {given[0]}")
+        report = inspect_shards(out, deep=deep)
+    else:
+        if deep:
+            raise click.ClickException("--deep and --check-teacher are separate checks; run one at a time")
+        report = _checked(out, check_views, teacher_weights, loader or "cpu", device or "auto")
     click.echo(json.dumps(report, indent=2) if as_json else report["text"])
     sys.exit(0 if report["ok"] else 1)
+
+
+def _checked(out: str, views: int, teacher_weights: str | None, loader: str, device: str) -> dict:
+    """``check_teacher`` with a progress bar on a terminal."""
+    from deitpipe.pipeline.inspect import check_teacher
+    from deitpipe.pipeline.progress import Progress
+
+    bar = Progress(views, desc="check-teacher", unit="view", enabled=sys.stderr.isatty())
+    try:
+        return check_teacher(out, views=views, teacher_weights=teacher_weights, loader=loader, device=device,
+                             progress=lambda n: bar.update(n))
+    finally:
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -80,7 +80,13 @@ class LabelConfig:
 
     def fingerprint(self) -> dict:
         """The fields that decide the output's content, as stored in the manifest."""
-        return {k: v for k, v in asdict(self).items() if k not in _LABEL_RUNTIME_FIELDS}
+        out = {k: v for k, v in asdict(self).items() if k not in _LABEL_RUNTIME_FIELDS}
+        # Settings of an augmentation that is off change nothing: they are not part of it.
+        if self.rand_augment is None:
+            out.pop("rand_augment_std")
+        if not (self.mixup > 0 and self.cutmix > 0):
+            out.pop("mixup_switch")
+        return out
 
 
 # The demo's settings per embedded data set, for the options left unset (None).

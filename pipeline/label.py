@@ -283,7 +283,8 @@ def augment_spec(config: LabelConfig, info: TeacherInfo) -> AugmentSpec | None:
     The views are cut at ``--view-size`` (default: the teacher's crop), the student's input."""
     spec = AugmentSpec(size=config.view_size or info.preprocessing.crop, rand_augment=config.rand_augment,
                        rand_augment_std=config.rand_augment_std, random_erasing=config.random_erasing,
-                       mixup=config.mixup, cutmix=config.cutmix, mixup_switch=config.mixup_switch)
+                       mixup=config.mixup, cutmix=config.cutmix, mixup_switch=config.mixup_switch,
+                       cut_interpolation=info.preprocessing.interpolation)
     return spec if spec.active else None
 
 

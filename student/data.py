@@ -211,6 +211,7 @@ class ShardReplay(IterableDataset):
                 raise ValueError(f"the shards store augmented views of {self.stored.size} px; train the student at "
                                  f"--img-size {self.stored.size}, or relabel with --view-size {img_size}")
             self.renderer = ViewRenderer(self.stored)
+            self.interpolation = self.stored.cut_interpolation  # the crop label-teacher rendered
             self.extra_ra = (RandAugment(magnitude=augment.rand_augment, magnitude_std=augment.rand_augment_std,
                                          img_size=img_size, mean=augment.mean)
                              if augment.rand_augment is not None else None)

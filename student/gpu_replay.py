@@ -21,6 +21,10 @@ with its own IDCT and chroma upsampling.
 
 Images ``decode_jpeg`` cannot take (PNG and other types, CMYK JPEGs) are decoded and cut in the
 worker exactly as ``ShardReplay`` does; the batch step passes their pixels through.
+
+On shards that store each view's whole augmentation, each sample also carries its record and its
+mixing partner's encoded view, and the batch step renders the views with the label set's
+``ViewRenderer`` instead of drawing an augmentation (``student.gpu_stored``).
 """
 
 from __future__ import annotations
@@ -30,20 +34,26 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from deitpipe.shards.format.augment import MIX_NONE, ViewRenderer, no_records, records_of
 from deitpipe.shards.format.image import DEFAULT_MAX_PIXELS, ImageDecodeError, cut_view, decode_image
-from deitpipe.student.data import Augment, ShardReplay
 from deitpipe.shards.format.randaugment import BatchAugment, augment_generator
+from deitpipe.student.data import Augment, ShardReplay, _partners
+from deitpipe.student.gpu_stored import PARTNER, record_fields, render_stored, with_partners
 
 _EXIF_ORIENTATION = 0x0112
 _BATCH_JPEG_FORMATS = ("JPEG", "MPO")  # MPO: a JPEG with extra frames; the first is decoded
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
 _REVERSED_ROWS = (3, 4, 6, 7)  # stored rows run against the displayed axis they land on
 _REVERSED_COLS = (2, 3, 7, 8)  # stored columns likewise
+_NO_PARTNER = {"data": torch.empty(0, dtype=torch.uint8), "jpeg": torch.tensor(True), "orientation": torch.tensor(1),
+               "box": torch.zeros(4, dtype=torch.long), "flip": torch.tensor(False), "key": ""}
+_LISTED = ("data", "key", PARTNER + "data", PARTNER + "key")  # per-sample values collate keeps as lists
 
 
 def jpeg_layout(data: bytes) -> tuple[int, int, int] | None:
@@ -86,7 +96,8 @@ class EncodedShardReplay(ShardReplay):
     cannot take, its view already cut as (3, S, S) uint8), "jpeg" (which of the two),
     "orientation" (EXIF, 1..8), "box" (4,) int64 top/left/height/width in displayed pixels,
     "flip", "label", "key", and unless teacher_labels is "none", "teacher" (C,) float32 and
-    "teacher_hard".
+    "teacher_hard". With ``stored_augment``, also "view", the record's fields and the partner's
+    (:meth:`replay`).
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -97,6 +108,34 @@ class EncodedShardReplay(ShardReplay):
                              f"{self.interpolation!r}; use the worker loader for other interpolations")
 
     def example(self, sample: dict) -> dict[str, Any]:
+        view, encoded = self._encoded(sample, None)
+        return {**encoded, **self.targets(sample, view)}
+
+    def replay(self, samples: list[dict], views: list[int], emit: int) -> list[dict[str, Any]]:
+        """``ShardReplay.replay``'s first ``emit`` samples encoded, for the batch step to render:
+        each also with its view ("view"), its record (``gpu_stored.record_fields``) and its
+        mixing partner's encoded view and record under ``partner_`` names, whether or not the
+        partner lands in the same batch (an unmixed sample carries an empty partner)."""
+        records = np.stack([records_of(s)[v] for s, v in zip(samples, views)])
+        partner = _partners(samples, records)
+        encoded = [self._encoded(s, v)[1] for s, v in zip(samples, views)]  # each is emitted or lends
+        out = []
+        for k in range(emit):
+            record, p = records[k].copy(), int(partner[k])
+            if p < 0:
+                record["mix_key"] = MIX_NONE  # rendered unmixed, as ShardReplay does without its partner
+                lent = {**_NO_PARTNER, **record_fields(no_records(1)[0])}
+            else:
+                lent = {**encoded[p], **record_fields(records[p])}
+            out.append({**encoded[k], "view": torch.tensor(views[k]),
+                        **record_fields(record), **{PARTNER + name: value for name, value in lent.items()},
+                        **self.targets(samples[k], views[k], partner=samples[p] if p >= 0 else None,
+                                       lam=float(records["lam"][k]))})
+        return out
+
+    def _encoded(self, sample: dict, view: int | None) -> tuple[int, dict[str, Any]]:
+        """``sample``'s view (this epoch's when ``view`` is None) as the batch step cuts it:
+        (the view's row, {"data", "jpeg", "orientation", "box", "flip", "key"})."""
         data = sample["image"]
         layout = jpeg_layout(data)
         img = None
@@ -107,22 +146,23 @@ class EncodedShardReplay(ShardReplay):
             orientation, height, width = layout
             if orientation in _TRANSPOSED:
                 height, width = width, height
-        view, box, flip = self.view_of(sample, height=height, width=width)
+        if view is None:
+            view, box, flip = self.view_of(sample, height=height, width=width)
+        else:
+            box, flip = tuple(int(x) for x in sample["box"][view]), bool(sample["flip"][view])
         _check_box(box, height, width, sample["key"])
         if img is None:
             pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         else:
             pixels = cut_view(img, box, flip, self.img_size, interpolation=self.interpolation)
-        out = {"data": pixels, "jpeg": torch.tensor(img is None), "orientation": torch.tensor(orientation),
-               "box": torch.tensor(box, dtype=torch.long), "flip": torch.tensor(flip),
-               "key": sample["key"], **self.targets(sample, view)}
-        return out
+        return view, {"data": pixels, "jpeg": torch.tensor(img is None), "orientation": torch.tensor(orientation),
+                      "box": torch.tensor(box, dtype=torch.long), "flip": torch.tensor(flip), "key": sample["key"]}
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """DataLoader ``collate_fn`` for :class:`EncodedShardReplay`: "data" and "key" stay lists
-    (the byte strings differ in length), every other key is stacked."""
-    out: dict[str, Any] = {"data": [s["data"] for s in samples], "key": [s["key"] for s in samples]}
+    """DataLoader ``collate_fn`` for :class:`EncodedShardReplay`: "data" and "key" (and a mixing
+    partner's) stay lists (the byte strings differ in length), every other key is stacked."""
+    out: dict[str, Any] = {name: [s[name] for s in samples] for name in _LISTED if name in samples[0]}
     for name in samples[0]:
         if name not in out:
             out[name] = torch.stack([s[name] for s in samples])
@@ -286,23 +326,39 @@ def _fixed_point(total: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_batch(batch: dict[str, Any], *, img_size: int, device: torch.device | str,
-                  augment: BatchAugment | None, generator: torch.Generator | None) -> dict[str, Any]:
+                  augment: BatchAugment | None, generator: torch.Generator | None,
+                  renderer: ViewRenderer | None = None) -> dict[str, Any]:
     """A collated batch as the training step takes it, on ``device``.
 
     Args:
         batch: from :func:`collate`.
         img_size: the student's input side.
         device: the training device.
-        augment: the batched DeiT augmentation, or None for plain ToDtype (no normalisation).
+        augment: the batched DeiT augmentation, or None for plain ToDtype (no normalisation). On
+            a batch with stored augmentation only its RandAugment and erasing are used, on top
+            of the stored ones (``gpu_stored.render_stored``).
         generator: the augmentation's draws (:func:`shards.format.randaugment.augment_generator`).
+        renderer: the label set's ``ViewRenderer``, which a batch with stored augmentation
+            (records in the batch) is rendered with.
     Returns:
-        "image" (B, 3, S, S) float32 (normalised by ``augment``), "label" (B,), and when present
-        "teacher" (B, C) and "teacher_hard" (B,), all on ``device``: what ``MixupCutmix`` and
-        ``train_one_epoch`` take.
+        "image" (B, 3, S, S) float32 (normalised by ``augment``, or by the label set's mean and
+        std when rendered), "label" (B,) or (B, C), and when present "teacher" (B, C) and
+        "teacher_hard" (B,), all on ``device``: what ``MixupCutmix`` and ``train_one_epoch`` take.
+    Raises:
+        ValueError: a batch with stored augmentation and no ``renderer``.
     """
     device = torch.device(device)
-    views = decode_and_cut(batch, img_size=img_size, device=device)
-    image = augment(views, generator=generator) if augment is not None else views.float() / 255
+    if "mix_key" in batch:
+        if renderer is None:
+            raise ValueError("this batch carries stored augmentation records; pass the label set's renderer "
+                             "(DeviceBatches(renderer=ViewRenderer(spec)))")
+        cut, records, partner = with_partners(batch)
+        views = decode_and_cut(cut, img_size=img_size, device=device)
+        image = render_stored(views, records, partner, keep=len(batch["key"]), renderer=renderer,
+                              augment=augment, generator=generator)
+    else:
+        views = decode_and_cut(batch, img_size=img_size, device=device)
+        image = augment(views, generator=generator) if augment is not None else views.float() / 255
     out = {"image": image}
     for name in ("label", "teacher", "teacher_hard"):
         if name in batch:
@@ -357,14 +413,18 @@ class DeviceBatches:
         loader: the DataLoader.
         img_size: the student's input side.
         device: the training device.
-        augment: the batched augmentation (None: views scaled to [0, 1], no normalisation).
+        augment: the batched augmentation (None: views scaled to [0, 1], no normalisation); on
+            shards with stored augmentation, what is added on top of it (:func:`prepare_batch`).
         seed, epoch, rank: the augmentation's draws per step come from
             ``augment_generator(seed, epoch, rank, step)``, so an epoch replays exactly.
+        renderer: the label set's ``ViewRenderer`` on shards with stored augmentation, else None.
     """
 
     def __init__(self, loader: Iterable[dict[str, Any]], *, img_size: int, device: torch.device | str,
-                 augment: BatchAugment | None, seed: int, epoch: int, rank: int) -> None:
+                 augment: BatchAugment | None, seed: int, epoch: int, rank: int,
+                 renderer: ViewRenderer | None = None) -> None:
         self.loader, self.img_size, self.device, self.augment = loader, img_size, torch.device(device), augment
+        self.renderer = renderer
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __len__(self) -> int:
@@ -377,7 +437,7 @@ class DeviceBatches:
         generator = augment_generator(seed=self.seed, epoch=self.epoch, rank=self.rank, step=step,
                                       device=self.device)
         return prepare_batch(batch, img_size=self.img_size, device=self.device, augment=self.augment,
-                             generator=generator)
+                             generator=generator, renderer=self.renderer)
 
 
 __all__ = ["DeviceBatches", "EncodedShardReplay", "collate", "decode_and_cut", "jpeg_layout", "prefetch",

@@ -187,7 +187,8 @@ def train_loader(cfg: TrainConfig, info: dict[str, Any], mode: str, *, img_size:
         loader = DataLoader(encoded, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=pin,
                             collate_fn=collate)
         return DeviceBatches(loader, img_size=img_size, device=device, augment=BatchAugment.from_config(augment),
-                             seed=cfg.seed, epoch=epoch, rank=rank)
+                             seed=cfg.seed, epoch=epoch, rank=rank,
+                             renderer=encoded.renderer if encoded.stored is not None else None)
     dataset = ShardReplay(**kwargs, augment=augment)
     dataset.set_epoch(epoch)
     return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.loader_workers, pin_memory=pin,

@@ -86,7 +86,7 @@ def image_views(
     geo = {"height": height, "width": width, "box": boxes, "flip": flips}
     if augment is not None:
         geo["aug"] = draw_records(augment, seed=seed, key=key, num_views=views)
-        return geo, cut_views(img, boxes, flips, augment.size, interpolation=prep.interpolation).numpy()
+        return geo, cut_views(img, boxes, flips, augment.size, interpolation=augment.cut_interpolation).numpy()
     pixels = cut_views(img, boxes, flips, view_size or prep.crop, interpolation=prep.interpolation)
     return geo, upsample_views(pixels, prep.crop).numpy()
 

@@ -66,6 +66,7 @@ class AugmentSpec:
         mean, std: the normalisation the records' pixels are in (erasing's noise is N(0, 1) there).
         interpolation: of RandAugment's geometric ops.
         mix_group: inputs of a shard among which partners are drawn.
+        cut_interpolation: of the crop's resize (the teacher's), which a replay cuts with too.
     """
 
     size: int
@@ -79,6 +80,7 @@ class AugmentSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
     mix_group: int = MIX_GROUP
+    cut_interpolation: str = "bilinear"
     ops: tuple[str, ...] = field(default=(), compare=False)  # filled from timm in __post_init__
 
     def __post_init__(self) -> None:
@@ -328,10 +330,6 @@ def mixed_label(own: np.ndarray, other: np.ndarray | None, lam: float) -> np.nda
     return (lam * own + (1.0 - lam) * other).astype(np.float32)
 
 
-__all__ = ["AUG_FIELDS", "AUG_FIELD_NAMES", "AugmentSpec", "MIX_GROUP", "MIX_NONE", "RA_NONE", "ViewRenderer",
-           "aug_dtype", "draw_records", "key_number", "mixed_label", "no_records", "pair_group", "records_of"]
-
-
 def records_of(sample: dict[str, Any]) -> np.ndarray | None:
     """A decoded sample's (V + 1,) records (``reader.decode_sample``), None before version 3."""
     if "ra_op" not in sample:
@@ -340,3 +338,8 @@ def records_of(sample: dict[str, Any]) -> np.ndarray | None:
     for name in AUG_FIELD_NAMES:
         rec[name] = sample[name]
     return rec
+
+
+__all__ = ["AUG_FIELDS", "AUG_FIELD_NAMES", "AugmentSpec", "MIX_GROUP", "MIX_NONE", "RA_NONE", "ViewRenderer",
+           "aug_dtype", "draw_records", "key_number", "mixed_label", "no_records", "pair_group", "records_of"]
+

@@ -31,6 +31,7 @@ _ALL_FIELDS = schema.VIEW_FIELDS + schema.AUG_FIELD_NAMES + (schema.SOFTMAX_FIEL
 _NDIM = {"box": 2, "flip": 1, "hard": 1, "topk": 2, "prob": 2, "rest": 1, schema.SOFTMAX_FIELD: 2,
          **{name: 1 + len(shape) for name, _, shape in schema.AUG_FIELDS}}
 _AUG_DTYPES = {name: np.dtype(kind) for name, kind, _ in schema.AUG_FIELDS}
+_AUG_SHAPES = {name: shape for name, _, shape in schema.AUG_FIELDS}  # per view
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -69,6 +70,11 @@ def _check_shapes(key: str, arrays: dict[str, np.ndarray]) -> None:
             or shapes["topk"] != shapes["prob"]):
         raise ValueError(f"sample {key}: per-view arrays have the wrong shapes {shapes}; expected box (V+1, 4), "
                          "flip, hard and rest (V+1,), topk and prob (V+1, K), softmax (V+1, C)")
+    # A record column of the wrong width would be broadcast into the row without a word.
+    wrong = {f: a.shape for f, a in arrays.items() if f in _AUG_SHAPES and a.shape[1:] != _AUG_SHAPES[f]}
+    if wrong:
+        expected = {f: ("V+1", *_AUG_SHAPES[f]) for f in wrong}
+        raise ValueError(f"sample {key}: augmentation record fields have shapes {wrong}, expected {expected}")
     if arrays["topk"].dtype != arrays["hard"].dtype:
         raise ValueError(f"sample {key}: topk is {arrays['topk'].dtype} but hard is {arrays['hard'].dtype}")
 
