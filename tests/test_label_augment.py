@@ -245,3 +245,28 @@ def test_train_student_takes_the_recipe_from_the_stored_views(augmented, tmp_pat
 def test_train_student_at_another_size_than_the_stored_views_is_one_line(augmented, tmp_path):
     line = one_line_error(_train(augmented, tmp_path / "run", "--img-size", "32"))
     assert f"--img-size {VIEW}" in line and "--view-size 32" in line
+
+
+def test_settings_of_an_augmentation_that_is_off_do_not_refuse_a_rerun(inputs, tmp_path):
+    """--mixup-switch means nothing without both mixup and CutMix, --rand-augment-std nothing
+    without RandAugment: changing them reruns as complete; changing one that is on refuses."""
+    out = _labelled(inputs, tmp_path / "mixup-only", "--mixup", "0.8", "--view-size", str(VIEW))
+    result = _label(inputs, out, "--mixup", "0.8", "--mixup-switch", "0.9", "--rand-augment-std", "2",
+                    "--view-size", str(VIEW))
+    assert result.exit_code == 0 and "(0 written, 2 already complete)" in result.output, result.output
+    line = one_line_error(_label(inputs, out, "--mixup", "0.5", "--view-size", str(VIEW)))
+    assert "--mixup" in line and "--mixup-switch" not in line
+
+
+def test_a_bicubic_teachers_views_are_cut_again_bicubic(inputs, tmp_path):
+    """The crop is cut with the teacher's interpolation; the stored spec says so and the
+    replay cuts with it, so the teacher still finds its labels on the replayed pixels."""
+    sidecar = json.loads(inputs["teacher24"].with_suffix(".json").read_text())
+    weights = tmp_path / "bicubic.pt"
+    shutil.copy(inputs["teacher24"], weights)
+    weights.with_suffix(".json").write_text(json.dumps({**sidecar, "interpolation": "bicubic"}))
+    out = _labelled({**inputs, "bicubic": weights}, tmp_path / "shards", *DEIT, "--view-size", str(VIEW),
+                    teacher="bicubic")
+    assert _manifest(out)["augment"]["cut_interpolation"] == "bicubic"
+    agreement, total, _ = _replay_agreement(out, weights)
+    assert total == 4 * 38 and agreement >= 0.995
