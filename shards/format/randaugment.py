@@ -181,6 +181,8 @@ class BatchRandAugment:
 
     def _colour_layer(self, images, names, chosen, level, negate) -> torch.Tensor:
         sign = torch.where(negate, -1.0, 1.0)
+        if images.device.type != "cuda":
+            return self._colour_layer_subsets(images, names, chosen, level, sign)
         table = _identity_table(images)
         hist = None
         for name in TABLE_OPS:
@@ -204,6 +206,37 @@ class BatchRandAugment:
                 if _maybe_any(mask):
                     factor = _enhance_factor(level, sign).float()[:, None, None, None]
                     out = torch.where(mask[:, None, None, None], _blend(degenerate(images), images, factor), out)
+        return out
+
+    def _colour_layer_subsets(self, images, names, chosen, level, sign) -> torch.Tensor:
+        """:meth:`_colour_layer` off CUDA: each op computed for the samples that chose it only
+        (a sample takes one op a layer), the same values with a fraction of the arithmetic."""
+        out = images
+        for name in TABLE_OPS + BLEND_OPS:
+            if name not in self.ops:
+                continue
+            index = (chosen & (names == self.ops.index(name))).nonzero()[:, 0]
+            if len(index) == 0:
+                continue
+            sub, lv, sg = images[index], level[index], sign[index]
+            if name in BLEND_OPS:
+                degenerate = _grey(sub) if name == "ColorIncreasing" else _smooth(sub)
+                done = _blend(degenerate, sub, _enhance_factor(lv, sg).float()[:, None, None, None])
+            else:
+                if name in ("AutoContrast", "Equalize"):
+                    hist = _histograms(sub)
+                    table = _autocontrast_table(hist) if name == "AutoContrast" else _equalize_table(hist)
+                elif name == "ContrastIncreasing":
+                    table = _blend_table(_grey_mean(sub)[:, None, None], _enhance_factor(lv, sg))
+                elif name == "BrightnessIncreasing":
+                    table = _blend_table(torch.zeros_like(lv)[:, None, None], _enhance_factor(lv, sg))
+                else:
+                    table = _lut_table(name, lv)
+                table = table.expand(len(index), 3, 256)
+                done = table.gather(-1, sub.flatten(2).long()).view(sub.shape).to(torch.uint8)
+            if out is images:
+                out = images.clone()
+            out[index] = done
         return out
 
     # Geometric ops ------------------------------------------------------------------------------
