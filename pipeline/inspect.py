@@ -49,6 +49,7 @@ def inspect_shards(out: str | Path, *, deep: bool = False) -> dict[str, Any]:
         "without_true_label": sum(s.get("unlabeled", 0) for s in manifest["shards"]),
         "found": inputs.get("found"), "labelled": inputs.get("labelled"),
         "skipped": len(inputs.get("skipped", [])), "ignored": inputs.get("ignored"),
+        "augment": manifest.get("augment"),
     }
     sample = None
     if not problems:
@@ -77,11 +78,44 @@ def _first_sample(out: str | Path, manifest: dict[str, Any]) -> dict[str, Any] |
         "views": [
             {"view": v, "box": s["box"][v].tolist(), "flip": bool(s["flip"][v]), "hard": int(s["hard"][v]),
              "top": [[int(c), round(float(p), 4)] for c, p in zip(s["topk"][v][:3], s["prob"][v][:3])],
-             "rest": round(float(s["rest"][v]), 4)}
+             "rest": round(float(s["rest"][v]), 4), **_record(s, v)}
             for v in range(min(len(s["box"]), 4))
         ],
         "hard_agrees_with_label": float(np.mean(s["hard"] == s["label"])) if s["label"] >= 0 else None,
     }
+
+
+def _record(sample: dict[str, Any], view: int) -> dict[str, Any]:
+    """A version 3 view's augmentation record, readable: RandAugment ops applied with their level
+    and sign, the erased box, the mixing partner with lambda and the CutMix box."""
+    if "ra_op" not in sample:
+        return {}
+    from deitpipe.shards.format.augment import LEVEL_STEPS, MIX_NONE, RA_NONE
+
+    ops = [{"op": int(o), "level": int(lv) / LEVEL_STEPS, "negate": bool(int(sample["ra_sign"][view]) >> k & 1)}
+           for k, (o, lv) in enumerate(zip(sample["ra_op"][view], sample["ra_level"][view])) if int(o) != RA_NONE]
+    mix_key = int(sample["mix_key"][view])
+    return {"rand_augment": ops, "erase": sample["erase"][view].tolist(),
+            "mix": None if mix_key == MIX_NONE else {"partner": mix_key, "view": int(sample["mix_view"][view]),
+                                                     "lam": round(float(sample["lam"][view]), 4),
+                                                     "cut": sample["cut"][view].tolist()}}
+
+
+def _augment_line(spec: dict[str, Any]) -> str:
+    """What a version 3 set stores with each view, in DeiT's terms."""
+    parts = []
+    if spec.get("rand_augment") is not None:
+        parts.append(f"RandAugment m{spec['rand_augment']:g} mstd{spec['rand_augment_std']:g}")
+    if spec.get("random_erasing"):
+        parts.append(f"erasing {spec['random_erasing']:g}")
+    if spec.get("mixup"):
+        parts.append(f"mixup {spec['mixup']:g}")
+    if spec.get("cutmix"):
+        parts.append(f"cutmix {spec['cutmix']:g}")
+    if spec.get("mixup") and spec.get("cutmix"):
+        parts.append(f"switch {spec['mixup_switch']:g}")
+    mixing = f", partners among {spec['mix_group']} inputs of a shard" if spec.get("mixup") or spec.get("cutmix") else ""
+    return f"stored augmentation: {', '.join(parts)} on {spec['size']} px views{mixing}"
 
 
 def _text(out, summary, problems, warnings, sample, manifest) -> str:
@@ -92,6 +126,8 @@ def _text(out, summary, problems, warnings, sample, manifest) -> str:
              f"top-{summary['topk']}{' + full softmax' if summary['full_softmax'] else ''}, seed {summary['seed']}",
              f"inputs: {summary['found']} found, {summary['labelled']} labelled, {summary['skipped']} skipped, "
              f"{summary['ignored']} ignored"]
+    if summary.get("augment"):
+        lines.append(_augment_line(summary["augment"]))
     for item in manifest.get("inputs", {}).get("skipped", [])[:5]:
         lines.append(f"  skipped {item['path']}: {item['reason']}")
     if sample:
@@ -101,6 +137,14 @@ def _text(out, summary, problems, warnings, sample, manifest) -> str:
             kind = "global" if v["view"] == 0 else f"view {v['view']}"
             lines.append(f"  {kind:>7}: box {v['box']} flip {int(v['flip'])} hard {v['hard']} "
                          f"top {v['top']} rest {v['rest']}")
+            if v.get("rand_augment") or (v.get("erase") or [0, 0, 0])[2] or v.get("mix"):
+                names = (manifest.get("augment") or {}).get("ops") or []
+                ops = ", ".join(f"{names[o['op']] if o['op'] < len(names) else o['op']} "
+                                f"{'-' if o['negate'] else ''}{o['level']:g}" for o in v["rand_augment"])
+                mix = v["mix"]
+                lines.append(f"           ops [{ops}] erase {v['erase']}"
+                             + (f" mix with {mix['partner']} view {mix['view']} lam {mix['lam']} cut {mix['cut']}"
+                                if mix else ""))
     lines += [f"warning: {w}" for w in warnings]
     lines += [f"FAIL: {p}" for p in problems]
     lines.append("OK: every shard verifies" if not problems else f"{len(problems)} problem(s)")

@@ -69,11 +69,15 @@ class TrainConfig:
     min_scale: float = option(0.08, "Smallest area of fresh random crops (--teacher-labels global, --distillation "
                               "none).", low=0, high=1, open_low=True)
     rand_augment: float | None = option(9, "RandAugment level 0..10 on timm's scale (DeiT's rand-m9); -1 switches "
-                                        "it off.", low=0, high=10, off=-1)
+                                        "it off. Off by default on shards that store their augmentation; given "
+                                        "there, it adds to the stored one, which the teacher did not see.",
+                                        low=0, high=10, off=-1)
     rand_augment_std: float = option(0.5, "Noise of the RandAugment level per op (timm's mstd; DeiT 0.5).", low=0)
-    random_erasing: float = option(0.25, "Random erasing probability.", low=0, high=1)
-    mixup: float = option(0.8, "Mixup alpha; 0 off.", low=0)
-    cutmix: float = option(1.0, "CutMix alpha; 0 off.", low=0)
+    random_erasing: float = option(0.25, "Random erasing probability (0 by default on shards that store their "
+                                   "augmentation; more there breaks consistency).", low=0, high=1)
+    mixup: float = option(0.8, "Mixup alpha; 0 off (by default on shards that store their augmentation; more "
+                          "there breaks consistency).", low=0)
+    cutmix: float = option(1.0, "CutMix alpha; 0 off (by default on shards that store their augmentation).", low=0)
     mixup_switch: float = option(0.5, "Probability of CutMix when both are on.", low=0, high=1)
     label_smoothing: float = option(0.1, "Label smoothing on the class head.", low=0, high=1, open_high=True)
     online_teacher: str | None = option(None, "Run this torchvision teacher live on each batch (the paper's method) "

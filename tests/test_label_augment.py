@@ -270,3 +270,15 @@ def test_a_bicubic_teachers_views_are_cut_again_bicubic(inputs, tmp_path):
     assert _manifest(out)["augment"]["cut_interpolation"] == "bicubic"
     agreement, total, _ = _replay_agreement(out, weights)
     assert total == 4 * 38 and agreement >= 0.995
+
+
+def test_inspect_shows_what_a_version_3_set_stores(augmented):
+    from deitpipe.pipeline.inspect import inspect_shards
+
+    report = inspect_shards(augmented)
+    assert report["ok"] and report["summary"]["augment"]["mixup"] == 0.8
+    assert "stored augmentation: RandAugment m9 mstd0.5, erasing 0.25, mixup 0.8, cutmix 1, switch 0.5" in report["text"]
+    views = report["sample"]["views"]
+    assert "rand_augment" not in views[0] or views[0]["mix"] is None  # the global view changes nothing
+    assert any(v["mix"] is not None for v in views[1:])
+    assert " mix with " in report["text"]
