@@ -7,7 +7,8 @@ last ``--last`` evaluations (less noise than the last one alone), of:
     same data: no distillation (with and without DeiT's augmentation); hard / soft distillation
     from stored views, replayed; hard distillation from stored views that carry DeiT's whole
     augmentation (label-teacher --rand-augment 9 --random-erasing 0.25 --mixup 0.8 --cutmix 1.0),
-    replayed exactly; hard distillation from the teacher run live on the student's batch;
+    replayed exactly; hard distillation from the teacher run live on the student's batch, without
+    and with DeiT's augmentation (the teacher then labels the augmented, mixed batch);
     few labels: K labels a class alone (as many steps as the others, --epoch-repeats); K labels
     and the teacher's labels on the other 1,200 - 10K images (label-teacher --unlabeled); the
     student with every label (no distillation) is the ceiling.
@@ -57,6 +58,7 @@ from deitpipe.student.trainer import train
 NONE, LIVE = "no distillation", "live teacher, hard"
 FEW, FEW_TEACHER = "K labels alone", "K labels + teacher on the rest, hard"
 STORED, STORED_AUG, NONE_AUG = "stored views, hard", "stored views + augmentation, hard", "no distillation, DeiT augmentation"
+LIVE_AUG = "live teacher + DeiT augmentation, hard"
 # name -> (distillation, teacher labels, live teacher, shard sets, baseline); "K" is --labels-per-class.
 ROWS = {
     NONE: ("none", None, False, ("all",), None),
@@ -65,14 +67,15 @@ ROWS = {
     STORED_AUG: ("hard", "views", False, ("augmented",), NONE),
     "stored views, soft": ("soft", "views", False, ("all",), NONE),
     LIVE: ("hard", None, True, ("all",), NONE),
+    LIVE_AUG: ("hard", None, True, ("all",), NONE_AUG),
     FEW: ("none", None, False, ("labeled",), None),
     FEW_TEACHER: ("hard", "views", False, ("labeled", "unlabeled"), FEW),
 }
 # DeiT's recipe: what "augmented" shards store, and what NONE_AUG's student draws itself.
 RECIPE = dict(rand_augment=9.0, random_erasing=0.25, mixup=0.8, cutmix=1.0)
-STUDENT_AUGMENT = {NONE_AUG: RECIPE}
+STUDENT_AUGMENT = {NONE_AUG: RECIPE, LIVE_AUG: RECIPE}
 # Further differences each row is reported against, beside its baseline.
-COMPARE = {STORED_AUG: (STORED, LIVE, NONE_AUG)}
+COMPARE = {STORED_AUG: (NONE_AUG, LIVE_AUG, STORED, LIVE)}
 # What the student's input goes through, step by step, for the consistency measure: DeiT's
 # RandAugment (rand-m9-mstd0.5), random erasing 0.25, mixup 0.8 / cutmix 1.0 (switch 0.5).
 INPUTS = [("un-augmented view (flip only)", None, 0.0, False), ("+ RandAugment", 9.0, 0.0, False),

@@ -17,6 +17,10 @@
 # --rows s_memory,s_gpu_loader for a shorter rerun; --budget-s, --hard-limit-s; GPU_CHECK_TIMEOUT_S
 # raises the outer limit for longer manual runs).
 #
+# The costs of stored augmentation on the GPU (label-teacher rendering on CUDA, --loader gpu replaying)
+# are a second call after this one: run(command="bash bench/gpu_check.sh --rows ''; PYTHONPATH=/tmp/site
+# python3 bench/stored_augment.py --images 256", carry=[".whl"], timeout_s=300).
+#
 # What it does: installs the wheels in .whl/ when present (into /tmp/site, offline); picks a Python
 # whose torch sees CUDA (else the first with torch; PYTHON=... forces one); makes deitpipe
 # importable (pip install -e . --no-deps offline, else a link to the repository root); says when

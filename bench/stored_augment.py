@@ -16,6 +16,8 @@ DeiT's whole recipe (schema 3: label-teacher --rand-augment 9 --random-erasing 0
 
 Run: python bench/stored_augment.py            (photo-like JPEGs at 300 px, RegNetY-400MF, 224 px)
      python bench/stored_augment.py --quick    (digits at 32 px, tiny teacher; seconds)
+On a GPU machine (the teacher and --loader gpu's batch step on CUDA), carrying the webdataset
+wheels as bench/gpu_check.sh says: PYTHONPATH=/tmp/site python bench/stored_augment.py --images 256
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def label(data: Path, out: Path, args: argparse.Namespace, weights: Path, augmen
     start = time.perf_counter()
     label_teacher(LabelConfig(data=str(data), out=str(out), teacher=args.teacher, teacher_weights=str(weights),
                               views=args.views, view_size=args.size, shard_size=args.shard_size,
-                              batch_size=args.batch_size, device="cpu", launcher="local", progress=False, **augment))
+                              batch_size=args.batch_size, device=args.device, launcher="local", progress=False,
+                              **augment))
     seconds = time.perf_counter() - start
     manifest = json.loads((out / schema.MANIFEST_NAME).read_text())
     samples = manifest["inputs"]["labelled"]
@@ -116,6 +119,7 @@ def main() -> None:
     parser.add_argument("--loader-batch", type=int, default=32)
     parser.add_argument("--loader-steps", type=int, default=8)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="label-teacher's teacher")
     parser.add_argument("--quick", action="store_true", help="digits at 32 px and a tiny teacher")
     args = parser.parse_args()
     if args.quick:
