@@ -209,6 +209,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the demo's)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--views", type=int, default=None, help="stored views an image (default: the demo's); "
+                        "with --epochs, a patient schedule: its shards and students get folders of their own")
     parser.add_argument("--labels-per-class", type=int, default=10, help="K of the few-label rows")
     parser.add_argument("--last", type=int, default=3, help="a student's score: mean of its last N evaluations")
     parser.add_argument("--rows", nargs="+", default=None, help="subset of row names")
@@ -222,16 +224,21 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     k = args.labels_per_class
     demo = DemoConfig(out=args.out, data=args.data, teacher_epochs=args.teacher_epochs, student_epochs=args.epochs,
-                      labels_per_class=k, progress=False)
+                      labels_per_class=k, views=args.views, progress=False)
+    # Sets of other views and students of another schedule never meet the demo's in their folders.
+    tag = "" if args.views is None else f"-v{demo.views}"
+    students = "students" if args.epochs is None and args.views is None else f"students-e{demo.student_epochs}{tag}"
     out = Path(args.out)
     _check_same_data(out, demo.data)  # every stage below resumes: one data set per output directory
     data = digits_image_folder(out / "data", image_size=demo.image_size, seed=0, kind=demo.data)
     teacher = _teacher(demo, data / "train", data / "val", out / "teacher" / "teacher.pt")
-    sets = {"all": _label(out, "shards", f"{demo.data}:train", demo, teacher["weights"]),
-            "labeled": _label(out, f"shards-labeled-{k}", f"{demo.data}:labeled-{k}", demo, teacher["weights"]),
-            "unlabeled": _label(out, f"shards-unlabeled-{k}", f"{demo.data}:unlabeled-{k}", demo, teacher["weights"],
-                                unlabeled=True),
-            "augmented": _label(out, "shards-augmented", f"{demo.data}:train", demo, teacher["weights"], augment=RECIPE)}
+    wanted = {w for name, row in ROWS.items() if not args.rows or name in args.rows for w in row[3]}
+    folders = {"all": (f"shards{tag}", "train", None), "labeled": (f"shards-labeled-{k}{tag}", f"labeled-{k}", None),
+               "unlabeled": (f"shards-unlabeled-{k}{tag}", f"unlabeled-{k}", None),
+               "augmented": (f"shards-augmented{tag}", "train", RECIPE)}
+    sets = {w: _label(out, folder, f"{demo.data}:{split}", demo, teacher["weights"], unlabeled=w == "unlabeled",
+                      augment=augment)
+            for w, (folder, split, augment) in folders.items() if w in wanted or w in ("all", "augmented")}
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": demo.data,
                       "teacher": demo.teacher, "teacher_top1": round(100 * teacher["val_top1"], 2),
                       "epochs": demo.student_epochs, "seeds": args.seeds, "views": demo.views, "labels_per_class": k,
@@ -261,7 +268,7 @@ def main() -> None:
         info = shard_sets_info(tuple(str(sets[w]) for w in which))
         runs = []
         for seed in args.seeds:
-            folder = out / "students" / f"{name.replace(' ', '-').replace(',', '')}-{seed}"
+            folder = out / students / f"{name.replace(' ', '-').replace(',', '')}-{seed}"
             if args.summary:
                 if (folder / "result.json").exists():
                     runs.append(json.loads((folder / "result.json").read_text()))
