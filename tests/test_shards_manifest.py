@@ -52,8 +52,8 @@ def test_manifests_label_teacher_writes_are_valid(tmp_path):
     (_manifest(class_names=["cat", 1]), "class_names", "must be a list of strings, got ['cat', 1]"),
     (_manifest(complete="yes"), "complete", "must be true or false, got 'yes'"),
     (_manifest(teacher="resnet18"), "teacher", "must be an object, got 'resnet18'"),
-    (_manifest(schema_version=3), None, "shard schema_version 3, this deitpipe reads 1 and 2; relabel"),
-    (_manifest(schema_version=True), None, "shard schema_version True, this deitpipe reads 1 and 2"),
+    (_manifest(schema_version=4), None, "shard schema_version 4, this deitpipe reads 1, 2 and 3; relabel"),
+    (_manifest(schema_version=True), None, "shard schema_version True, this deitpipe reads 1, 2 and 3"),
 ])
 def test_wrong_types_are_one_line_naming_file_and_key(tmp_path, text, key, message):
     path = tmp_path / schema.MANIFEST_NAME

@@ -314,5 +314,9 @@ def test_normalize_matches_formula():
     torch.testing.assert_close(out, (pixels.float() / 255 - mean) / std)
     assert out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
-    with pytest.raises(ValueError, match="uint8"):
-        normalize(pixels.float(), prep, "cpu")
+    # Rendered views (mixed, erased) come as float32 in [0, 1] units: the same formula without 255.
+    torch.testing.assert_close(normalize(pixels.float() / 255, prep, "cpu"), out)
+    with pytest.raises(ValueError, match="uint8 or float32"):
+        normalize(pixels.double(), prep, "cpu")
+    with pytest.raises(ValueError, match="uint8 or float32"):
+        normalize(pixels[:, :2], prep, "cpu")
