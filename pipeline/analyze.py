@@ -18,7 +18,7 @@ from deitpipe.pipeline.evaluate import resolve_student
 from deitpipe.shards import storage
 from deitpipe.shards.format.manifest import write_json_atomic
 from deitpipe.student import evaluate
-from deitpipe.student.data import EvalImages, eval_items
+from deitpipe.student.heldout import EvalImages, eval_items
 from deitpipe.student.runfiles import read_metrics
 
 

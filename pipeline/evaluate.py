@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from deitpipe.shards import storage
 from deitpipe.shards.format.image import ImageDecodeError
 from deitpipe.student import create_student, evaluate, load_checkpoint, read_state_dict
-from deitpipe.student.data import EvalImages, eval_items
+from deitpipe.student.heldout import EvalImages, eval_items
 
 _SIZES = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
 

@@ -25,7 +25,7 @@ from deitpipe.shards.format import schema
 from deitpipe.shards.format.manifest import read_manifest_digest, write_json_atomic
 from deitpipe.shards.format.reader import expand_urls, is_object_dir, is_remote, shard_name
 from deitpipe.student import create_student, load_checkpoint
-from deitpipe.student.data import eval_items
+from deitpipe.student.heldout import eval_items
 from deitpipe.student.runfiles import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,

@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from deitpipe.shards import storage
 from deitpipe.student.checkpoint import load_checkpoint
 from deitpipe.student.config import TrainConfig
-from deitpipe.student.data import Augment, EvalImages, ShardReplay, eval_items, steps_per_epoch
+from deitpipe.student.data import Augment, ShardReplay, steps_per_epoch
+from deitpipe.student.heldout import EvalImages, eval_items
 from deitpipe.student.ema import build_ema
 from deitpipe.student.engine import MixupCutmix, evaluate, train_one_epoch
 from deitpipe.shards.format.randaugment import BatchAugment

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from deitpipe.pipeline.cli import main
 from deitpipe.shards.format.image import ImageDecodeError
 from deitpipe.student import create_student, read_state_dict
-from deitpipe.student.data import EvalImages, eval_items
+from deitpipe.student.heldout import EvalImages, eval_items
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2)
 TINY_ARGS = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2"]

@@ -11,7 +11,7 @@ from deitpipe.shards.inputs import cluttered, read_bytes, resolve_source
 from deitpipe.shards.inputs.cluttered import CANVAS, DIGIT, cluttered_canvas, upscale_all
 from deitpipe.shards.inputs.embedded import _digits, digits_image_folder, digits_split, render_digit
 from deitpipe.shards.specs import NAMED_DATA, absolute_spec
-from deitpipe.student.data import eval_items
+from deitpipe.student.heldout import eval_items
 
 
 @pytest.fixture(scope="module")

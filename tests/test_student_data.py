@@ -15,7 +15,8 @@ from conftest import write_shard_set
 from deitpipe.shards.format.image import cut_view, decode_image
 from deitpipe.shards.format.reader import expand_urls, iter_samples
 from deitpipe.shards.format.views import epoch_view_index
-from deitpipe.student.data import Augment, EvalImages, RandAugment, ShardReplay, eval_items, steps_per_epoch
+from deitpipe.student.data import Augment, RandAugment, ShardReplay, steps_per_epoch
+from deitpipe.student.heldout import EvalImages, eval_items
 
 PLAIN = Augment(rand_augment=None, random_erasing=0.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
