@@ -191,14 +191,7 @@ class BatchRandAugment:
             mask = chosen & (names == self.ops.index(name))
             if name in ("AutoContrast", "Equalize"):
                 hist = _histograms(images) if hist is None else hist
-                op_table = _autocontrast_table(hist) if name == "AutoContrast" else _equalize_table(hist)
-            elif name == "ContrastIncreasing":
-                op_table = _blend_table(_grey_mean(images)[:, None, None], _enhance_factor(level, sign))
-            elif name == "BrightnessIncreasing":
-                op_table = _blend_table(torch.zeros_like(level)[:, None, None], _enhance_factor(level, sign))
-            else:
-                op_table = _lut_table(name, level)
-            table = torch.where(mask[:, None, None], op_table, table)
+            table = torch.where(mask[:, None, None], _op_table(name, images, level, sign, hist), table)
         out = table.gather(-1, images.flatten(2).long()).view(images.shape).to(torch.uint8)
         for name, degenerate in (("ColorIncreasing", _grey), ("SharpnessIncreasing", _smooth)):
             if name in self.ops:
@@ -223,16 +216,8 @@ class BatchRandAugment:
                 degenerate = _grey(sub) if name == "ColorIncreasing" else _smooth(sub)
                 done = _blend(degenerate, sub, _enhance_factor(lv, sg).float()[:, None, None, None])
             else:
-                if name in ("AutoContrast", "Equalize"):
-                    hist = _histograms(sub)
-                    table = _autocontrast_table(hist) if name == "AutoContrast" else _equalize_table(hist)
-                elif name == "ContrastIncreasing":
-                    table = _blend_table(_grey_mean(sub)[:, None, None], _enhance_factor(lv, sg))
-                elif name == "BrightnessIncreasing":
-                    table = _blend_table(torch.zeros_like(lv)[:, None, None], _enhance_factor(lv, sg))
-                else:
-                    table = _lut_table(name, lv)
-                table = table.expand(len(index), 3, 256)
+                hist = _histograms(sub) if name in ("AutoContrast", "Equalize") else None
+                table = _op_table(name, sub, lv, sg, hist).expand(len(index), 3, 256)
                 done = table.gather(-1, sub.flatten(2).long()).view(sub.shape).to(torch.uint8)
             if out is images:
                 out = images.clone()
@@ -468,6 +453,21 @@ def _equalize_table(hist: torch.Tensor) -> torch.Tensor:
 def _enhance_factor(level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """timm's _enhance_increasing_level_to_arg: 1 +- 0.09 level, at least 0.1."""
     return torch.clamp(1.0 + sign.double() * ((level / LEVELS) * 0.9), min=0.1)
+
+
+def _op_table(name: str, images: torch.Tensor, level: torch.Tensor, sign: torch.Tensor,
+              hist: torch.Tensor | None) -> torch.Tensor:
+    """The value table of a table op for each of ``images``: (B, 1 or 3, 256) int64 (``hist``:
+    the images' histograms, for AutoContrast and Equalize)."""
+    if name == "AutoContrast":
+        return _autocontrast_table(hist)
+    if name == "Equalize":
+        return _equalize_table(hist)
+    if name == "ContrastIncreasing":
+        return _blend_table(_grey_mean(images)[:, None, None], _enhance_factor(level, sign))
+    if name == "BrightnessIncreasing":
+        return _blend_table(torch.zeros_like(level)[:, None, None], _enhance_factor(level, sign))
+    return _lut_table(name, level)
 
 
 def _blend_table(degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
