@@ -27,7 +27,10 @@ as ``--launcher local`` runs it), so the table measures learning, not orchestrat
 finished student leaves ``result.json`` in its folder, and a rerun skips it: a long table can be
 run in parts (``--rows``, ``--seeds``) and summed up with ``--summary``.
 
-Run: python bench/fidelity.py [--data cluttered-digits] [--seeds 0 1 2 3 4] [--epochs N] [--quick]
+A patient schedule (``--epochs N --views V``) labels its own sets (``shards-vV``) and trains its
+own students (``students-eN-vV``) beside the demo's.
+
+Run: python bench/fidelity.py [--data cluttered-digits] [--seeds 0 1 2 3 4] [--epochs N] [--views V] [--quick]
 """
 
 from __future__ import annotations
