@@ -301,7 +301,7 @@ class ShardReplay(IterableDataset):
             pixels = cut_view(decode_image(s["image"]), tuple(int(x) for x in s["box"][v]), bool(s["flip"][v]),
                               self.img_size, interpolation=self.interpolation)
             cuts.append(self.extra_ra(pixels) if self.extra_ra is not None else pixels)
-        partner = _partners(samples, records)
+        partner = partner_rows(samples, records)
         images = self.renderer(torch.stack(cuts), records, partner)
         out = []
         for k in range(emit):
@@ -387,7 +387,7 @@ class ShardReplay(IterableDataset):
         return out
 
 
-def _partners(samples: list[dict], records: np.ndarray) -> np.ndarray:
+def partner_rows(samples: list[dict], records: np.ndarray) -> np.ndarray:
     """Each sample's partner's row among ``samples`` (-1: not mixed, or not among them)."""
     where = {key_number(s["key"]): k for k, s in enumerate(samples)}
     return np.asarray([-1 if int(r["mix_key"]) == MIX_NONE else where.get(int(r["mix_key"]), -1) for r in records],
@@ -395,4 +395,5 @@ def _partners(samples: list[dict], records: np.ndarray) -> np.ndarray:
 
 
 # IMAGENET_MEAN and IMAGENET_STD are re-exported; they are defined in shards.format.conventions.
-__all__ = ["Augment", "ShardReplay", "steps_per_epoch", "TEACHER_LABELS", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Augment", "ShardReplay", "partner_rows", "steps_per_epoch", "TEACHER_LABELS", "IMAGENET_MEAN",
+           "IMAGENET_STD"]

@@ -43,7 +43,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from deitpipe.shards.format.augment import MIX_NONE, ViewRenderer, no_records, records_of
 from deitpipe.shards.format.image import DEFAULT_MAX_PIXELS, ImageDecodeError, cut_view, decode_image
 from deitpipe.shards.format.randaugment import BatchAugment, augment_generator
-from deitpipe.student.data import Augment, ShardReplay, _partners
+from deitpipe.student.data import Augment, ShardReplay, partner_rows
 from deitpipe.student.gpu_stored import PARTNER, record_fields, render_stored, with_partners
 
 _EXIF_ORIENTATION = 0x0112
@@ -117,7 +117,7 @@ class EncodedShardReplay(ShardReplay):
         mixing partner's encoded view and record under ``partner_`` names, whether or not the
         partner lands in the same batch (an unmixed sample carries an empty partner)."""
         records = np.stack([records_of(s)[v] for s, v in zip(samples, views)])
-        partner = _partners(samples, records)
+        partner = partner_rows(samples, records)
         encoded = [self._encoded(s, v)[1] for s, v in zip(samples, views)]  # each is emitted or lends
         out = []
         for k in range(emit):
