@@ -24,7 +24,7 @@ import numpy as np
 
 from deitpipe.shards import storage
 from deitpipe.shards.format import schema
-from deitpipe.shards.format.augment import AugmentSpec, draw_records, pair_group
+from deitpipe.shards.format.augment import AugmentSpec, draw_records, no_records, pair_group
 from deitpipe.shards.format.image import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
@@ -171,8 +171,6 @@ def decode_chunk(items: list[dict[str, Any]], *, seed: int, views: int, prep: di
 def _pair_and_store(out: dict[str, np.ndarray], records: dict[int, np.ndarray], spec: AugmentSpec, *,
                     seed: int, views: int) -> None:
     """Pair the decoded items' views inside each mix group, then store the records as columns."""
-    from deitpipe.shards.format.augment import no_records
-
     n = len(out["index"])
     if spec.mixes:
         for start in range(0, n, spec.mix_group):
