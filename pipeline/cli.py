@@ -84,11 +84,11 @@ def label_teacher_cmd(**options) -> None:
 @config_options(TrainConfig)
 def train_student_cmd(**options) -> None:
     """Stage two: train a DeiT student from the shards, with no teacher in the loop."""
-    from deitpipe.pipeline.train import stored_augment_defaults, train_student
+    from deitpipe.pipeline.train import train_student
 
     ctx = click.get_current_context()
     given = {name for name in options if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
-    result = train_student(stored_augment_defaults(TrainConfig(**options), given))
+    result = train_student(TrainConfig(**options), given=given)
     last = result["last"]
     val = "  ".join(f"{k[4:]} {last[k]:.2f}" for k in ("val_top1_cls", "val_top1_dist", "val_top1_avg") if k in last)
     click.echo(f"{result['out']}: {result['epochs_done']} epochs; loss {last.get('loss', float('nan')):.4f}"

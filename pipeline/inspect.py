@@ -299,15 +299,13 @@ def _teacher_input(image, *, mean, std, crop: int, rendered: bool):
     import torch
 
     from deitpipe.shards.format.image import upsample_views
+    from deitpipe.teacher.labelling import rendered_teacher_input
 
+    if rendered:
+        return rendered_teacher_input(image, mean=mean, std=std, crop=crop)
     mean_ = torch.tensor(mean, device=image.device)[None, :, None, None]
     std_ = torch.tensor(std, device=image.device)[None, :, None, None]
-    unit = image * std_ + mean_
-    if rendered:
-        if unit.shape[-1] == crop:
-            return unit
-        return torch.nn.functional.interpolate(unit, size=(crop, crop), mode="bilinear", align_corners=False)
-    return upsample_views((unit * 255).round_().clamp_(0, 255).to(torch.uint8), crop)
+    return upsample_views((image * std_ + mean_).mul_(255).round_().clamp_(0, 255).to(torch.uint8), crop)
 
 
 def _compare(predictor, pixels, stored, stored_hard, *, first: int, num_classes: int) -> list[dict[str, Any]]:

@@ -126,7 +126,7 @@ def _manifest_beside(spec: str) -> str:
 RECIPE_AUGMENT = {"rand_augment": None, "random_erasing": 0.0, "mixup": 0.0, "cutmix": 0.0}  # field -> off
 
 
-def stored_augment_defaults(config: TrainConfig, given: set[str]) -> TrainConfig:
+def stored_augment_defaults(config: TrainConfig, given: set[str], *, stored: dict[str, Any] | None) -> TrainConfig:
     """On shards that store each view's augmentation, the student's own RandAugment, erasing,
     mixup and CutMix are off unless ``given`` (named on the command line): the stored views
     already carry DeiT's recipe, and more of it on top would no longer be what the teacher saw.
@@ -134,14 +134,14 @@ def stored_augment_defaults(config: TrainConfig, given: set[str]) -> TrainConfig
     Args:
         config: train-student's configuration, as the command line built it.
         given: the fields the user set.
+        stored: the shard sets' "augment" (``shard_sets_info``), None where they store none.
     Returns:
         ``config``, with the recipe's fields not in ``given`` switched off where the shards are
         replayed with their stored augmentation.
     """
     off = {k: v for k, v in RECIPE_AUGMENT.items() if k not in given}
-    if not off or config.distillation == "none" or config.online_teacher or config.teacher_labels == "global":
-        return config
-    if not shard_sets_info(config.resolved().shard_sets(), config.resolved().manifest).get("augment"):
+    if not stored or not off or config.distillation == "none" or config.online_teacher \
+            or config.teacher_labels == "global":
         return config
     return replace(config, **off)
 
@@ -157,10 +157,16 @@ def teacher_labels_mode(config: TrainConfig, views: int) -> str:
     return mode
 
 
-def train_student(config: TrainConfig) -> dict[str, Any]:
-    """Train a student as ``config`` says; returns the last epoch's metrics and the run's paths."""
+def train_student(config: TrainConfig, *, given: set[str] | None = None) -> dict[str, Any]:
+    """Train a student as ``config`` says; returns the last epoch's metrics and the run's paths.
+
+    ``given``: the fields the command line set; the others of DeiT's recipe are switched off on
+    shards that store their augmentation (:func:`stored_augment_defaults`). None: ``config`` as is.
+    """
     config = config.resolved()  # workers do not share the driver's working directory
     info = shard_sets_info(config.shard_sets(), config.manifest)
+    if given is not None:
+        config = stored_augment_defaults(config, given, stored=info.get("augment"))
     mode = teacher_labels_mode(config, info["views"])
     if info["unlabeled"] and config.distillation == "none":
         raise TrainError(f"--shards hold {info['unlabeled']} samples without a true label, which only the teacher's "

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deitpipe.shards.format.augment import MIX_NONE, ViewRenderer, aug_dtype, key_number
+from deitpipe.shards.format.augment import MIX_NONE, ViewRenderer, key_number, stack_records
 from deitpipe.shards.format.randaugment import BatchAugment
 from deitpipe.shards.format.schema import AUG_FIELD_NAMES
 
@@ -43,15 +43,6 @@ def record_fields(record: np.void, *, prefix: str = "") -> dict[str, torch.Tenso
     return out
 
 
-def batch_records(batch: dict[str, Any], *, prefix: str = "") -> np.ndarray:
-    """(B,) records of ``aug_dtype`` from a collated batch's :func:`record_fields` tensors."""
-    size = len(batch[prefix + AUG_FIELD_NAMES[0]])
-    records = np.zeros(size, dtype=aug_dtype())
-    for name in AUG_FIELD_NAMES:
-        records[name] = batch[prefix + name].numpy()
-    return records
-
-
 def with_partners(batch: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
     """The views to cut for a batch with records: its own, then each partner not in the batch.
 
@@ -63,7 +54,7 @@ def with_partners(batch: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np
         their records; ``partner`` (B + E,) each row's partner row, -1 where not mixed (the E
         partners only lend their pixels).
     """
-    records = batch_records(batch)
+    records = stack_records(batch)
     rows = {(key_number(k), v): i for i, (k, v) in enumerate(zip(batch["key"], batch["view"].tolist()))}
     partner = np.full(len(records), -1, dtype=np.int64)
     extra: list[int] = []  # samples whose carried partner is cut too
@@ -79,7 +70,7 @@ def with_partners(batch: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, np
         return {name: batch[name] for name in CUT_FIELDS}, records, partner
     lent = {name: _rows(batch[PARTNER + name], extra) for name in CUT_FIELDS + AUG_FIELD_NAMES}
     cut = {name: _join(batch[name], lent[name]) for name in CUT_FIELDS}
-    records = np.concatenate([records, batch_records(lent)])
+    records = np.concatenate([records, stack_records(lent)])
     return cut, records, np.concatenate([partner, np.full(len(extra), -1, dtype=np.int64)])
 
 
@@ -120,4 +111,4 @@ def render_stored(views: torch.Tensor, records: np.ndarray, partner: np.ndarray,
     return extra_erase(images, generator=generator) if extra_erase is not None else images
 
 
-__all__ = ["CUT_FIELDS", "PARTNER", "batch_records", "record_fields", "render_stored", "with_partners"]
+__all__ = ["CUT_FIELDS", "PARTNER", "record_fields", "render_stored", "with_partners"]

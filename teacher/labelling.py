@@ -228,17 +228,13 @@ class ViewTeacher:
         slice), resize them to the teacher's input and label them; rows come back image-major."""
         import torch
 
-        from deitpipe.shards.format.augment import MIX_NONE, aug_dtype
+        from deitpipe.shards.format.augment import MIX_NONE, stack_records
 
         n, v = pixels.shape[:2]
-        records = np.zeros((n, v), dtype=aug_dtype())
-        for name in schema.AUG_FIELD_NAMES:
-            records[name] = chunk[name]
+        records = stack_records(chunk)  # (n, V+1)
         position = {int(index): b for b, index in enumerate(chunk["index"])}
         spec, device = self.renderer.spec, self.predictor.device
         crop = self.predictor.info.preprocessing.crop
-        mean = torch.tensor(spec.mean, device=device)[None, :, None, None]
-        std = torch.tensor(spec.std, device=device)[None, :, None, None]
         views_per_pass = max(1, self.predictor.batch_size // max(n, 1))
         probs = []
         for first in range(0, v, views_per_pass):
@@ -248,11 +244,24 @@ class ViewTeacher:
                                   for c in cols for r in records[:, c]], dtype=np.int64)
             views = torch.from_numpy(np.ascontiguousarray(pixels[:, first:cols.stop].swapaxes(0, 1))).to(device)
             out = self.renderer(views.reshape(-1, *views.shape[2:]), rec, partner)
-            unit = out * std + mean  # back to [0, 1] units: the teacher normalises its own way
-            if unit.shape[-1] != crop:
-                unit = torch.nn.functional.interpolate(unit, size=(crop, crop), mode="bilinear", align_corners=False)
+            unit = rendered_teacher_input(out, mean=spec.mean, std=spec.std, crop=crop)
             probs.append(self.predictor.probs(unit).view(len(cols), n, -1).transpose(0, 1))
         return self.predictor.summarize(torch.cat(probs, 1).reshape(n * v, -1))
+
+
+def rendered_teacher_input(images, *, mean, std, crop: int):
+    """What the teacher is given for rendered views: (B, 3, S, S) normalised with ``mean`` and
+    ``std`` (the label set's) back to [0, 1] units, resized to its ``crop`` as floats, bilinear
+    (the teacher then normalises its own way). label-teacher labels with it and
+    ``inspect --check-teacher`` checks with it."""
+    import torch
+
+    mean_ = torch.tensor(mean, device=images.device)[None, :, None, None]
+    std_ = torch.tensor(std, device=images.device)[None, :, None, None]
+    unit = images * std_ + mean_
+    if unit.shape[-1] == crop and unit.shape[-2] == crop:
+        return unit
+    return torch.nn.functional.interpolate(unit, size=(crop, crop), mode="bilinear", align_corners=False)
 
 
 def pack_shard(*, out_dir: Path, shard: int, order: list[int], first_index: int, source: Source,

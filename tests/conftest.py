@@ -177,15 +177,17 @@ def smooth_image():
     return smooth_rgb
 
 
-def write_digit_folder(root: Path, n: int = 8, *, size: tuple[int, int] = (16, 16)) -> Path:
-    """An ImageFolder ``root/<digit>/<i>.png`` of the first ``n`` of scikit-learn's digits, RGB at ``size``."""
+def write_digit_folder(root: Path, n: int = 8, *, size: tuple[int, int] = (16, 16), ext: str = "png") -> Path:
+    """An ImageFolder ``root/<digit>/<i>.<ext>`` of the first ``n`` of scikit-learn's digits, RGB at
+    ``size``, as PNG or (``ext="jpg"``) JPEG at quality 90."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     for i in range(n):
-        p = root / str(d.target[i]) / f"{i:03d}.png"
+        p = root / str(d.target[i]) / f"{i:03d}.{ext}"
         p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((d.images[i] * 15).astype(np.uint8)).resize(size).convert("RGB").save(p)
+        img = Image.fromarray((d.images[i] * 15).astype(np.uint8)).resize(size).convert("RGB")
+        img.save(p, **({"quality": 90} if ext == "jpg" else {}))
     return root
 
 

@@ -22,15 +22,6 @@ LOADERS, LOADER_IDS = ["cpu", "gpu"], ["worker-loader", "batched-loader"]
 AUGMENT = ["--rand-augment", 9, "--random-erasing", 0.5, "--mixup", 0.8, "--cutmix", 1.0]
 
 
-def jpeg_digits(root: Path, n: int = 32) -> Path:
-    """:func:`write_digit_folder` at 24 px, stored as JPEG."""
-    write_digit_folder(root, n, size=(24, 24))
-    for png in root.rglob("*.png"):
-        Image.open(png).save(png.with_suffix(".jpg"), quality=90)
-        png.unlink()
-    return root
-
-
 def spread_teacher(path: Path, images: list[Path], *, seed: int) -> Path:
     """An untrained resnet18 whose head is centred on these images' features, with its sidecar.
 
@@ -60,7 +51,7 @@ def labelled(tmp_path_factory) -> dict[str, Path]:
     """Two label sets of 32 JPEG digits by one teacher: schema version 3 (the DeiT recipe stored)
     and crop-only version 2; and the weights of another teacher."""
     root = tmp_path_factory.mktemp("check-teacher")
-    data = jpeg_digits(root / "digits")
+    data = write_digit_folder(root / "digits", 32, size=(24, 24), ext="jpg")
     images = sorted(data.rglob("*.jpg"))
     teacher = spread_teacher(root / "teacher.pt", images, seed=0)
     out = {"root": root, "teacher": teacher, "other": spread_teacher(root / "other.pt", images, seed=1)}

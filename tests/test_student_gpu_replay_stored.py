@@ -152,9 +152,9 @@ def test_train_loader_hands_the_label_sets_renderer_to_the_batch_step(stored):
     from deitpipe.student.config import TrainConfig
     from deitpipe.student.trainer import train_loader
 
-    cfg = stored_augment_defaults(TrainConfig(shards=str(stored[0]), loader="gpu", batch_size=4, loader_workers=1),
-                                  set())  # as train-student builds it: no extra augmentation asked for
+    cfg = TrainConfig(shards=str(stored[0]), loader="gpu", batch_size=4, loader_workers=1)
     info = shard_sets_info(cfg.shard_sets())
+    cfg = stored_augment_defaults(cfg, set(), stored=info["augment"])  # as train-student builds it: nothing extra
     loader = train_loader(cfg, info, "views", img_size=SIZE, epoch=1, rank=0, world=1, steps=SAMPLES // 4,
                           device=torch.device("cpu"))
     ours = torch.cat([batch["image"] for batch in loader])

@@ -22,7 +22,7 @@ applied ones, not a later redraw).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -349,16 +349,22 @@ def mixed_label(own: np.ndarray, other: np.ndarray | None, lam: float) -> np.nda
     return (lam * own + (1.0 - lam) * other).astype(np.float32)
 
 
-def records_of(sample: dict[str, Any]) -> np.ndarray | None:
-    """A decoded sample's (V + 1,) records (``reader.decode_sample``), None before version 3."""
-    if "ra_op" not in sample:
-        return None
-    rec = np.zeros(len(sample["box"]), dtype=aug_dtype())
+def stack_records(columns: Mapping[str, Any], *, prefix: str = "") -> np.ndarray:
+    """Records of :func:`aug_dtype` from one column per field (``prefix + name``), any leading
+    shape: a sample's (V + 1,), a chunk's (n, V + 1), a batch's (B,)."""
+    shape = np.shape(columns[prefix + "ra_sign"])  # a scalar field: its shape is the records'
+    rec = np.zeros(shape, dtype=aug_dtype())
     for name in AUG_FIELD_NAMES:
-        rec[name] = sample[name]
+        rec[name] = np.asarray(columns[prefix + name])
     return rec
 
 
+def records_of(sample: dict[str, Any]) -> np.ndarray | None:
+    """A decoded sample's (V + 1,) records (``reader.decode_sample``), None before version 3."""
+    return stack_records(sample) if "ra_op" in sample else None
+
+
 __all__ = ["AUG_FIELDS", "AUG_FIELD_NAMES", "AugmentSpec", "MIX_GROUP", "MIX_NONE", "RA_NONE", "ViewRenderer",
-           "aug_dtype", "draw_records", "key_number", "mixed_label", "no_records", "pair_group", "records_of"]
+           "aug_dtype", "draw_records", "key_number", "mixed_label", "no_records", "pair_group", "records_of",
+           "stack_records"]
 
