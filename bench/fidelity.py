@@ -1,9 +1,11 @@
 """The fidelity table: what does a student distilled from stored labels gain, beyond noise?
 
 On an embedded data set (cluttered digits by default, ``--data digits`` for the plain ones:
-1,200 training / 597 held-out images, 32 px), the demo's teacher, views and students
+1,200 training / 597 held-out digits, 32 px), the demo's teacher, views and students
 (``pipeline/demo.py``), several seeds each, held-out top-1 of the averaged heads, the mean of the
-last ``--last`` evaluations (less noise than the last one alone), of:
+last ``--last`` evaluations (less noise than the last one alone), of the following rows. On
+cluttered digits each held-out digit is rendered under ``--val-renders`` clutter seeds (5: 2,985
+images, never a training digit), which cuts the noise of the evaluation itself:
     same data: no distillation (with and without DeiT's augmentation); hard / soft distillation
     from stored views, replayed; hard distillation from stored views that carry DeiT's whole
     augmentation (label-teacher --rand-augment 9 --random-erasing 0.25 --mixup 0.8 --cutmix 1.0),
@@ -194,6 +196,16 @@ def curves_markdown(table: dict[str, dict], points: int = 10) -> str:
     return "\n".join(lines)
 
 
+def teacher_accuracy(weights: str, demo: DemoConfig, val: Path) -> float:
+    """The teacher's top-1 on the held-out folder ``val``, through its own eval transform."""
+    from deitpipe.shards.inputs.factory import resolve_source
+    from deitpipe.teacher import build_teacher
+    from deitpipe.teacher.train import evaluate_teacher
+
+    model, info = build_teacher(demo.teacher, weights_path=weights, num_classes=10)
+    return evaluate_teacher(model, resolve_source(str(val)), info.preprocessing)
+
+
 def _label(out: Path, folder: str, spec: str, demo: DemoConfig, weights: str, *, unlabeled: bool = False,
            augment: dict | None = None) -> Path:
     shards = out / folder
@@ -215,6 +227,8 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=None, help="stored views an image (default: the demo's); "
                         "with --epochs, a patient schedule: its shards and students get folders of their own")
     parser.add_argument("--labels-per-class", type=int, default=10, help="K of the few-label rows")
+    parser.add_argument("--val-renders", type=int, default=5, help="cluttered digits: the students' held-out set "
+                        "is each held-out digit under this many clutter seeds (1: the demo's 597 images)")
     parser.add_argument("--last", type=int, default=3, help="a student's score: mean of its last N evaluations")
     parser.add_argument("--rows", nargs="+", default=None, help="subset of row names")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -231,10 +245,17 @@ def main() -> None:
     # Sets of other views and students of another schedule never meet the demo's in their folders.
     tag = "" if args.views is None else f"-v{demo.views}"
     students = "students" if args.epochs is None and args.views is None else f"students-e{demo.student_epochs}{tag}"
+    renders = args.val_renders if demo.data == "cluttered-digits" else 1
+    students += "" if renders == 1 else f"-r{renders}"  # scores on another held-out set
     out = Path(args.out)
     _check_same_data(out, demo.data)  # every stage below resumes: one data set per output directory
     data = digits_image_folder(out / "data", image_size=demo.image_size, seed=0, kind=demo.data)
     teacher = _teacher(demo, data / "train", data / "val", out / "teacher" / "teacher.pt")
+    val = data / "val"
+    if renders > 1:
+        val = digits_image_folder(out / f"data-r{renders}", image_size=demo.image_size, seed=0, kind=demo.data,
+                                  val_renders=renders) / "val"
+    teacher_top1 = 100 * teacher_accuracy(teacher["weights"], demo, val)
     wanted = {w for name, row in ROWS.items() if not args.rows or name in args.rows for w in row[3]}
     folders = {"all": (f"shards{tag}", "train", None), "labeled": (f"shards-labeled-{k}{tag}", f"labeled-{k}", None),
                "unlabeled": (f"shards-unlabeled-{k}{tag}", f"unlabeled-{k}", None),
@@ -243,11 +264,12 @@ def main() -> None:
                       augment=augment)
             for w, (folder, split, augment) in folders.items() if w in wanted or w in ("all", "augmented")}
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "data": demo.data,
-                      "teacher": demo.teacher, "teacher_top1": round(100 * teacher["val_top1"], 2),
+                      "teacher": demo.teacher, "teacher_top1": round(teacher_top1, 2),
+                      "held_out_images": sum(1 for _ in val.rglob("*.png")),
                       "epochs": demo.student_epochs, "seeds": args.seeds, "views": demo.views, "labels_per_class": k,
                       "min_scale": demo.min_scale, "teacher_size": demo.img_size, "student_size": demo.student_size,
                       "patch_size": demo.patch_size, "last": args.last}), flush=True)
-    base = student_config(demo, shards=sets["all"], out=out / "unused", val=data / "val", distillation="hard")
+    base = student_config(demo, shards=sets["all"], out=out / "unused", val=val, distillation="hard")
     live_cfg = replace(base, online_teacher=demo.teacher, teacher_weights=teacher["weights"])
     live = online_teacher_fn(live_cfg, 10, torch.device("cpu"))
     urls = expand_urls(str(sets["all"]))
@@ -292,7 +314,7 @@ def main() -> None:
         print(curves_markdown(table))
     write_json_atomic(out / "fidelity.json", {"config": {**vars(args), **{k: getattr(demo, k) for k in (
         "data", "teacher", "teacher_epochs", "student_epochs", "views", "min_scale", "img_size", "student_size",
-        "patch_size")}}, "teacher_top1": 100 * teacher["val_top1"], "table": table})
+        "patch_size")}}, "teacher_top1": teacher_top1, "table": table})
 
 
 if __name__ == "__main__":

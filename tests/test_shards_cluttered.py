@@ -112,5 +112,25 @@ def test_image_folder_of_each_kind(tmp_path):
         digits_image_folder(tmp_path / "e", kind="mnist")
 
 
+def test_held_out_digits_under_several_clutter_seeds(tmp_path):
+    out = digits_image_folder(tmp_path / "d", seed=0, kind="cluttered-digits", val_renders=3)
+    val = sorted((out / "val").rglob("*.png"))
+    assert len(val) == 3 * 597 and len(list((out / "train").rglob("*.png"))) == 1200
+    train_digits = {int(p.stem) for p in (out / "train").rglob("*.png")}
+    held = {int(p.stem.split("-")[0]) for p in val}
+    assert len(held) == 597 and not held & train_digits  # never a training digit
+    index = min(held)
+    label = next(p.parent.name for p in val if p.stem == f"{index:06d}")
+    renders = [np.asarray(Image.open(out / "val" / label / name))[..., 0]
+               for name in (f"{index:06d}.png", f"{index:06d}-c1.png", f"{index:06d}-c2.png")]
+    digits = upscale_all(_digits()[0])
+    assert np.array_equal(renders[0], cluttered_canvas(digits, index)[0])  # the named set's render
+    assert np.array_equal(renders[2], cluttered_canvas(digits, index, seed=2)[0])
+    assert not np.array_equal(renders[0], renders[1]) and not np.array_equal(renders[1], renders[2])
+    assert {p.parent.name for p in val if p.stem.startswith(f"{index:06d}")} == {label}
+    with pytest.raises(ValueError, match="val_renders"):
+        digits_image_folder(tmp_path / "e", kind="digits", val_renders=2)
+
+
 def test_module_constants_fit_together():
     assert cluttered.FRAGMENT <= cluttered.DIGIT < cluttered.CANVAS

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from deitpipe.shards.inputs.base import UNLABELED, Candidate, Input, Source
-from deitpipe.shards.inputs.cluttered import CANVAS, render_cluttered, upscale_all
+from deitpipe.shards.inputs.cluttered import CANVAS, CLUTTER_SEED, render_cluttered, upscale_all
 from deitpipe.shards.specs import is_named_data
 
 DIGITS_COUNT = 1797
@@ -51,10 +51,11 @@ def _upscaled_digits() -> np.ndarray:
     return upscale_all(_digits()[0])
 
 
-def render_cluttered_digit(index: int, *, image_size: int = CANVAS) -> bytes:
+def render_cluttered_digit(index: int, *, image_size: int = CANVAS, clutter_seed: int = CLUTTER_SEED) -> bytes:
     """PNG bytes of cluttered digit ``index`` (:mod:`deitpipe.shards.inputs.cluttered`), resized
-    when ``image_size`` is not the canvas side (bicubic), RGB."""
-    data = render_cluttered(_upscaled_digits(), index)
+    when ``image_size`` is not the canvas side (bicubic), RGB. ``clutter_seed`` other than the
+    named set's places the same digit elsewhere among other fragments."""
+    data = render_cluttered(_upscaled_digits(), index, seed=clutter_seed)
     if image_size == CANVAS:
         return data
     img = Image.open(io.BytesIO(data)).resize((image_size, image_size), Image.Resampling.BICUBIC)
@@ -138,7 +139,7 @@ def few_labels_split(k: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def digits_image_folder(
-    out_dir: str | os.PathLike, *, image_size: int = 32, seed: int = 0, kind: str = "digits"
+    out_dir: str | os.PathLike, *, image_size: int = 32, seed: int = 0, kind: str = "digits", val_renders: int = 1
 ) -> Path:
     """Write the digits split as ImageFolder trees ``out_dir/train/<0..9>`` and ``out_dir/val/<0..9>``.
 
@@ -150,17 +151,25 @@ def digits_image_folder(
         image_size: Side of the rendered PNGs.
         seed: Split seed (:func:`digits_split`).
         kind: "digits" or "cluttered-digits" (:func:`digits_source`).
+        val_renders: cluttered digits only: each held-out digit rendered under this many clutter
+            seeds (``NNNNNN.png`` under the named set's, ``NNNNNN-cS.png`` under seed S), a
+            held-out set that many times larger and never a training digit.
 
     Returns:
         ``out_dir``.
     """
     if kind not in DIGIT_SETS:
         raise ValueError(f"digits kind must be one of {', '.join(DIGIT_SETS)}, got {kind!r}")
+    if val_renders < 1 or (val_renders > 1 and kind != "cluttered-digits"):
+        raise ValueError(f"val_renders must be 1, or more for cluttered-digits (plain digits render one way), "
+                         f"got {val_renders} for {kind}")
     out = Path(out_dir)
     marker = out / ".digits-folder.json"
     settings = {"image_size": image_size, "seed": seed, "count": DIGITS_COUNT}
     if kind != "digits":
         settings["kind"] = kind  # a plain digits folder keeps the marker earlier versions wrote
+    if val_renders > 1:
+        settings["val_renders"] = val_renders
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return out
     clash = [p for p in (out / "train", out / "val") if p.exists()]
@@ -175,6 +184,9 @@ def digits_image_folder(
                 d = tmp / split / str(int(target[i]))
                 d.mkdir(parents=True, exist_ok=True)
                 (d / f"{i:06d}.png").write_bytes(render_named(kind, int(i), image_size=image_size))
+                for s in range(1, val_renders if split == "val" else 1):
+                    (d / f"{i:06d}-c{s}.png").write_bytes(render_cluttered_digit(
+                        int(i), image_size=image_size, clutter_seed=CLUTTER_SEED + s))
         marker.unlink(missing_ok=True)
         for split in ("train", "val"):
             shutil.rmtree(out / split, ignore_errors=True)  # only a stale build of ours (marker checked)
