@@ -378,11 +378,17 @@ class ShardReplay(IterableDataset):
         hard = int(sample["hard"][view])
         out = {"teacher": torch.from_numpy(dist), "teacher_hard": torch.tensor(hard, dtype=torch.long)}
         labels = [int(sample["label"])] + ([int(partner["label"])] if partner is not None else [])
-        if min(labels) < 0:
-            row = dist.copy() if self.class_targets == "soft" else np.eye(self.num_classes, dtype=np.float32)[hard]
-        else:
-            eye = np.eye(self.num_classes, dtype=np.float32)
-            row = eye[labels[0]] if partner is None else lam * eye[labels[0]] + (1.0 - lam) * eye[labels[1]]
+        if min(labels) < 0 and self.class_targets == "soft":
+            row = dist.copy()
+        else:  # one-hot rows mixed by lam, without a (C, C) identity a sample
+            row = np.zeros(self.num_classes, dtype=np.float32)
+            if min(labels) < 0:
+                row[hard] = 1.0
+            elif partner is None:
+                row[labels[0]] = 1.0
+            else:
+                row[labels[0]] += lam
+                row[labels[1]] += 1.0 - lam
         out["label"] = torch.from_numpy(np.asarray(row, dtype=np.float32))
         return out
 

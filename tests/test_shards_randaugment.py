@@ -146,6 +146,25 @@ def test_two_geometric_ops_are_composed_into_one_sampling(monkeypatch):
     assert np.mean(fill_want != fill_got) < 0.03
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_cpu_sampling_per_sample_and_along_one_axis_equals_the_batched_sampling(interpolation):
+    # The CPU warps a sample at a time, along one axis where its maps keep rows or columns; CUDA
+    # warps the whole batch in two dimensions. Both must give the same bytes.
+    aug = BatchRandAugment(interpolation=interpolation)
+    pairs = [(a, b) for a in GEOMETRIC for b in GEOMETRIC] + [(a, a) for a in GEOMETRIC]
+    images = to_batch(*[photo(40, 56, seed=i) for i in range(len(pairs))])
+    levels = torch.linspace(0.5, 10.0, len(pairs), dtype=torch.float64)
+    chain = []
+    for layer in range(2):
+        names = torch.tensor([aug.ops.index(p[layer]) for p in pairs])
+        negate = torch.arange(len(pairs)) % (2 + layer) == 0
+        chain.append(aug._affine(names, torch.ones(len(pairs), dtype=torch.bool), levels - layer * 0.37,
+                                 negate, 40, 56))
+    for maps in (chain[:1], chain):
+        every = torch.ones(len(pairs), dtype=torch.bool)
+        assert torch.equal(aug._warp_where(images, maps, every), aug._warp_batch(images, maps))
+
+
 def test_unapplied_ops_leave_the_image_alone():
     aug = BatchRandAugment()
     x = to_batch(photo(24, 24))

@@ -269,7 +269,7 @@ class ViewRenderer:
         images = self.apply_rand_augment(views, records)
         mean = torch.tensor(self.spec.mean, device=dev)[None, :, None, None]
         std = torch.tensor(self.spec.std, device=dev)[None, :, None, None]
-        out = (images.float() / 255.0 - mean) / std
+        out = images.float().div_(255.0).sub_(mean).div_(std)  # (x / 255 - mean) / std, in place
         self.erase(out, records)
         return self.mix(out, records, np.asarray(partner, dtype=np.int64))
 
