@@ -210,33 +210,30 @@ class ViewTeacher:
 
             self.renderer = ViewRenderer(AugmentSpec.from_dict(augment))
 
-    def __call__(self, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        chunk = dict(chunk)
-        pixels = chunk.pop("pixels")  # (n, V+1, 3, S, S)
-        n, v = pixels.shape[:2]
-        if self.renderer is not None:
-            labelled = self._label_rendered(pixels, chunk)
-        else:
-            labelled = self.predictor({"pixels": pixels.reshape(n * v, *pixels.shape[2:])})
-        for k in OUTPUT_MEMBERS:
-            if k in labelled:
-                chunk[k] = labelled[k].reshape(n, v, *labelled[k].shape[1:])
-        return chunk
+    @property
+    def renders_ahead(self) -> bool:
+        """Whether :meth:`render` may run ahead in a decoding thread: a CPU teacher with stored
+        augmentation (on a GPU the views are rendered on the teacher's device, beside it)."""
+        return self.renderer is not None and self.predictor.device.type == "cpu"
 
-    def _label_rendered(self, pixels: np.ndarray, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Render view-major slices (every image's view v together, so each partner is in the
-        slice), resize them to the teacher's input and label them; rows come back image-major."""
+    def render(self, chunk: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The chunk with its views rendered under their records and resized to the teacher's
+        input ("rendered": one (views, n, 3, crop, crop) float tensor a teacher pass) in place of
+        "pixels". Slices are view-major (every image's view v together, so each partner is in
+        the slice)."""
         import torch
 
         from deitpipe.shards.format.augment import MIX_NONE, stack_records
 
+        chunk = dict(chunk)
+        pixels = chunk.pop("pixels")  # (n, V+1, 3, S, S)
         n, v = pixels.shape[:2]
         records = stack_records(chunk)  # (n, V+1)
         position = {int(index): b for b, index in enumerate(chunk["index"])}
         spec, device = self.renderer.spec, self.predictor.device
         crop = self.predictor.info.preprocessing.crop
         views_per_pass = max(1, self.predictor.batch_size // max(n, 1))
-        probs = []
+        chunk["rendered"] = []
         for first in range(0, v, views_per_pass):
             cols = range(first, min(first + views_per_pass, v))
             rec = np.concatenate([records[:, c] for c in cols])  # view-major: row (c - first) * n + b
@@ -245,8 +242,33 @@ class ViewTeacher:
             views = torch.from_numpy(np.ascontiguousarray(pixels[:, first:cols.stop].swapaxes(0, 1))).to(device)
             out = self.renderer(views.reshape(-1, *views.shape[2:]), rec, partner)
             unit = rendered_teacher_input(out, mean=spec.mean, std=spec.std, crop=crop)
-            probs.append(self.predictor.probs(unit).view(len(cols), n, -1).transpose(0, 1))
-        return self.predictor.summarize(torch.cat(probs, 1).reshape(n * v, -1))
+            chunk["rendered"].append(unit.view(len(cols), n, *unit.shape[1:]))
+        chunk["views"] = v
+        return chunk
+
+    def __call__(self, chunk: dict[str, Any]) -> dict[str, np.ndarray]:
+        if self.renderer is not None:
+            chunk = chunk if "rendered" in chunk else self.render(chunk)
+            chunk = dict(chunk)
+            labelled = self._label_rendered(chunk.pop("rendered"))
+            n, v = len(chunk["index"]), chunk.pop("views")
+        else:
+            chunk = dict(chunk)
+            pixels = chunk.pop("pixels")  # (n, V+1, 3, S, S)
+            n, v = pixels.shape[:2]
+            labelled = self.predictor({"pixels": pixels.reshape(n * v, *pixels.shape[2:])})
+        for k in OUTPUT_MEMBERS:
+            if k in labelled:
+                chunk[k] = labelled[k].reshape(n, v, *labelled[k].shape[1:])
+        return chunk
+
+    def _label_rendered(self, rendered: list) -> dict[str, np.ndarray]:
+        """Label rendered passes (each (views, n, 3, crop, crop)); rows come back image-major."""
+        import torch
+
+        probs = [self.predictor.probs(unit.flatten(0, 1)).view(*unit.shape[:2], -1).transpose(0, 1)
+                 for unit in rendered]
+        return self.predictor.summarize(torch.cat(probs, 1).reshape(-1, probs[0].shape[-1]))
 
 
 def rendered_teacher_input(images, *, mean, std, crop: int):
@@ -386,27 +408,35 @@ def label_local(chunks: Iterable[list[dict[str, Any]]], *, decode: dict[str, Any
     if first is None:
         return
     chunks = itertools.chain([first], chunks)
+    ahead_of = view_teacher.render if view_teacher.renders_ahead else None
+
+    def prepare(items: list[dict[str, Any]]) -> dict[str, Any]:
+        decoded = decode_chunk(items, **decode)
+        return ahead_of(decoded) if ahead_of else decoded
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        depth = _lookahead(len(first), decode, threads)
-        ahead: deque[Future] = deque(pool.submit(decode_chunk, c, **decode)
-                                     for c in itertools.islice(chunks, depth))
+        depth = _lookahead(len(first), decode, threads, rendered=ahead_of is not None)
+        ahead: deque[Future] = deque(pool.submit(prepare, c) for c in itertools.islice(chunks, depth))
         while ahead:
-            decoded = ahead.popleft().result()
+            prepared = ahead.popleft().result()
             nxt = next(chunks, None)
             if nxt is not None:
-                ahead.append(pool.submit(decode_chunk, nxt, **decode))
-            yield view_teacher(decoded)
+                ahead.append(pool.submit(prepare, nxt))
+            yield view_teacher(prepared)
 
 
 _DECODED_BUDGET = 2 << 30  # bytes of decoded views held ahead of the teacher
 
 
-def _lookahead(images: int, decode: dict[str, Any], threads: int) -> int:
+def _lookahead(images: int, decode: dict[str, Any], threads: int, *, rendered: bool = False) -> int:
     """Chunks decoded ahead: two a thread, fewer where a chunk's views are large (hundreds of
-    views an image at 224 px are about 60 MB an image), never under two."""
+    views an image at 224 px are about 60 MB an image; four times that once ``rendered`` as
+    floats), never under two."""
     prep = decode.get("prep") or {}
     side = (decode.get("augment") or {}).get("size") or prep.get("crop") or 224
-    chunk_bytes = images * (int(decode.get("views", 0)) + 1) * 3 * side * side
+    if rendered:
+        side = max(side, prep.get("crop") or side)
+    chunk_bytes = images * (int(decode.get("views", 0)) + 1) * 3 * side * side * (4 if rendered else 1)
     return max(2, min(2 * threads, _DECODED_BUDGET // max(chunk_bytes, 1)))
 
 
