@@ -162,7 +162,15 @@ def test_cpu_sampling_per_sample_and_along_one_axis_equals_the_batched_sampling(
                                  negate, 40, 56))
     for maps in (chain[:1], chain):
         every = torch.ones(len(pairs), dtype=torch.bool)
-        assert torch.equal(aug._warp_where(images, maps, every), aug._warp_batch(images, maps))
+        assert torch.equal(aug._warp_where(images.clone(), maps, every), aug._warp_batch(images, maps))
+
+
+def test_the_callers_batch_is_left_as_it_was():
+    aug = BatchRandAugment()
+    x = to_batch(*[photo(24, 24, seed=i) for i in range(len(aug.ops))])
+    before = x.clone()
+    out = aug.apply(x, RandAugmentParams.forced(aug.ops, list(aug.ops), level=9.0))
+    assert torch.equal(x, before) and not torch.equal(out, before)
 
 
 def test_unapplied_ops_leave_the_image_alone():

@@ -320,7 +320,7 @@ def _mix_rows(images: torch.Tensor, records: np.ndarray, partner: np.ndarray, mi
             out[i, :, top:top + h, left:left + w] = other[:, top:top + h, left:left + w]
         else:
             lam = float(records["lam"][i])  # a float16 value: exact in float32, as is 1 - lam
-            out[i] = lam * own + (1.0 - lam) * other
+            torch.mul(own, lam, out=out[i]).add_(other * (1.0 - lam))  # lam own + (1 - lam) other
     return out
 
 
