@@ -21,8 +21,11 @@ their composed map instead of twice, which differs from Pillow's double resampli
 interpolation noise; a colour op between them keeps the order (the pending map is applied
 first). PosterizeIncreasing at level 10 keeps 0 bits (a black image), as timm meant and Pillow
 up to 12 did; Pillow 13 raises there. On CUDA every op is computed for the whole batch and
-``torch.where`` keeps it where a sample chose it: wasted arithmetic, but no wait for the device;
-elsewhere the warp and the blends skip the samples (or batches) that do not need them.
+``torch.where`` keeps it where a sample chose it: wasted arithmetic, but no wait for the device.
+On a CPU each op runs for the samples that chose it only, in place on one copy of the batch: the
+warp a sample at a time (its temporaries stay in cache), along one axis where the maps keep rows
+or columns; the tables as byte lookups (numpy's ``take``), the histograms a channel at a time.
+Both ways give the same bytes (tests compare them).
 
 Draws come from a ``torch.Generator`` on the images' device, seeded from (seed, epoch, rank, step)
 by :func:`augment_generator`, so a run replays exactly on the same kind of device.
