@@ -21,6 +21,7 @@ from deitpipe.shards.format.randaugment import (
     RandAugmentParams,
     augment_generator,
 )
+from deitpipe.shards.format.warp import affine_sample
 
 CPU_AUGMENT = RandAugment()  # the CPU path's op set and hyper-parameters, to compare with
 
@@ -162,7 +163,8 @@ def test_cpu_sampling_per_sample_and_along_one_axis_equals_the_batched_sampling(
                                  negate, 40, 56))
     for maps in (chain[:1], chain):
         every = torch.ones(len(pairs), dtype=torch.bool)
-        assert torch.equal(aug._warp_where(images.clone(), maps, every), aug._warp_batch(images, maps))
+        batched = affine_sample(images, maps, fill=aug.fill, interpolation=interpolation)
+        assert torch.equal(aug._warp_where(images.clone(), maps, every), batched)
 
 
 def test_the_callers_batch_is_left_as_it_was():
