@@ -37,6 +37,7 @@ def test_student_follows_the_data_sets_patch_and_input_size(tmp_path):
 def test_rows_compare_each_distilled_student_with_its_baseline_at_equal_steps():
     table = {r.key: r for r in rows(DemoConfig())}
     assert table["distilled"].baseline == "none" and table["few_teacher"].baseline == "few"
+    assert table["distilled"].distillation == "soft"  # the same-data row the fidelity table establishes
     few, both = table["few"], table["few_teacher"]
     assert few.shards == both.shards[:1] and few.distillation == "none" and both.distillation == "hard"
     assert 20 * few.epoch_repeats == 1200  # K=2: 20 images passed 60 times an epoch, as many steps as 1,200
