@@ -31,7 +31,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from deitpipe.shards.format.augment import MIX_NONE, AugmentSpec, ViewRenderer, key_number, records_of
+from deitpipe.shards.format.augment import (MIX_NONE, AugmentSpec, ViewRenderer, key_number, mixed_label,
+                                            records_of)
 from deitpipe.shards.format.image import IMAGENET_MEAN, IMAGENET_STD, cut_view, decode_image
 from deitpipe.shards.format.plan import epoch_sample_order, epoch_shard_order
 from deitpipe.shards.format.reader import decode_sample, read_shard, shard_name, teacher_distribution
@@ -373,22 +374,21 @@ class ShardReplay(IterableDataset):
         return out
 
 
+    def _one_hot(self, label: int) -> np.ndarray:
+        row = np.zeros(self.num_classes, dtype=np.float32)
+        row[label] = 1.0
+        return row
+
     def _stored_targets(self, sample: dict, view: int, partner: dict | None, lam: float) -> dict[str, torch.Tensor]:
         dist = teacher_distribution(sample, view, self.num_classes)
         hard = int(sample["hard"][view])
         out = {"teacher": torch.from_numpy(dist), "teacher_hard": torch.tensor(hard, dtype=torch.long)}
         labels = [int(sample["label"])] + ([int(partner["label"])] if partner is not None else [])
-        if min(labels) < 0 and self.class_targets == "soft":
-            row = dist.copy()
-        else:  # one-hot rows mixed by lam, without a (C, C) identity a sample
-            row = np.zeros(self.num_classes, dtype=np.float32)
-            if min(labels) < 0:
-                row[hard] = 1.0
-            elif partner is None:
-                row[labels[0]] = 1.0
-            else:
-                row[labels[0]] += lam
-                row[labels[1]] += 1.0 - lam
+        if min(labels) < 0:
+            row = dist.copy() if self.class_targets == "soft" else self._one_hot(hard)
+        else:
+            other = self._one_hot(labels[1]) if partner is not None else None
+            row = mixed_label(self._one_hot(labels[0]), other, lam)
         out["label"] = torch.from_numpy(np.asarray(row, dtype=np.float32))
         return out
 

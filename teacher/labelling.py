@@ -243,15 +243,15 @@ class ViewTeacher:
             out = self.renderer(views.reshape(-1, *views.shape[2:]), rec, partner)
             unit = rendered_teacher_input(out, mean=spec.mean, std=spec.std, crop=crop)
             chunk["rendered"].append(unit.view(len(cols), n, *unit.shape[1:]))
-        chunk["views"] = v
         return chunk
 
     def __call__(self, chunk: dict[str, Any]) -> dict[str, np.ndarray]:
         if self.renderer is not None:
             chunk = chunk if "rendered" in chunk else self.render(chunk)
             chunk = dict(chunk)
-            labelled = self._label_rendered(chunk.pop("rendered"))
-            n, v = len(chunk["index"]), chunk.pop("views")
+            rendered = chunk.pop("rendered")  # (views, n, 3, crop, crop) a pass
+            n, v = len(chunk["index"]), sum(len(unit) for unit in rendered)
+            labelled = self._label_rendered(rendered)
         else:
             chunk = dict(chunk)
             pixels = chunk.pop("pixels")  # (n, V+1, 3, S, S)
